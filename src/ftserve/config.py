@@ -1,0 +1,135 @@
+"""Validated settings, one pydantic model per concern. This module is the one home of defaults.
+
+A deployment file in ``bentos/`` is a YAML mapping that validates as :class:`ServiceConfig`. Values can be
+overridden with dotted keys (``engine.dtype=float32``), given on ``bentoml serve --arg`` or as environment
+variables ``FTSERVE_ENGINE__DTYPE=float32`` (double underscore between levels).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_SERVICE_FILE = PROJECT_ROOT / "bentos" / "default.yaml"
+ENV_PREFIX = "FTSERVE_"
+
+
+class ConfigError(ValueError):
+    """A settings file or override is invalid; the message names the offending value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StoreConfig(_Strict):
+    """Where converted models live."""
+
+    home: Path = Field(
+        default_factory=lambda: Path(os.environ.get("FTSERVE_HOME", "~/.cache/ftserve")).expanduser(),
+        description="Root folder of the model store (env FTSERVE_HOME; default ~/.cache/ftserve).",
+    )
+
+
+class EngineConfig(_Strict):
+    """How the engine runs the model."""
+
+    backend: Literal["simple"] = Field("simple", description="Engine implementation (registered by name).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Compute dtype; auto = bfloat16 on CPU and CUDA."
+    )
+    device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:N.")
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads; default one per core.")
+    max_model_len: int = Field(2048, ge=16, le=1 << 20, description="Context window: prompt + new tokens.")
+    max_num_seqs: int = Field(8, ge=1, le=4096, description="Requests decoded at the same time.")
+    max_queue: int = Field(64, ge=0, description="Requests allowed to wait; past this a request gets 429.")
+
+
+class LimitsConfig(_Strict):
+    """Limits enforced at the API boundary."""
+
+    max_tokens: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
+    max_stop_sequences: int = Field(4, ge=0, le=64, description="Most stop strings per request.")
+    max_stop_length: int = Field(64, ge=1, description="Longest stop string, in characters.")
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="Largest request body.")
+
+
+class ServiceConfig(_Strict):
+    """One deployment: the model, the engine, the adapters, the limits."""
+
+    model: str = Field(DEFAULT_MODEL, description="Model reference: a bundled name or a local HF folder.")
+    served_model_name: str | None = Field(None, description="Name clients use for the base model.")
+    adapter_dirs: list[Path] = Field(
+        default_factory=lambda: [PROJECT_ROOT / "adapters"],
+        description="Allowed folders that adapters load from, by name.",
+    )
+    adapters: list[str] = Field(default_factory=list, description="Adapters to load at start-up.")
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+
+    @property
+    def base_name(self) -> str:
+        return self.served_model_name or Path(self.model).name
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def env_overrides(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """``FTSERVE_ENGINE__DTYPE=x`` → ``{"engine.dtype": "x"}``; FTSERVE_HOME/FTSERVE_CONFIG are not keys."""
+    environ = dict(os.environ) if environ is None else environ
+    out: dict[str, str] = {}
+    for name, value in environ.items():
+        if name.startswith(ENV_PREFIX) and "__" in name:
+            out[name[len(ENV_PREFIX) :].lower().replace("__", ".")] = value
+    return out
+
+
+def _parse_value(value: Any) -> Any:
+    """Override values arrive as strings; YAML-parse them so lists and numbers work (``[a, b]``, ``4``)."""
+    if isinstance(value, str):
+        try:
+            return yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+    return value
+
+
+def load_service_config(
+    path: Path | str | None = None, overrides: dict[str, Any] | None = None
+) -> ServiceConfig:
+    """Read a deployment file (default: ``$FTSERVE_CONFIG`` or ``bentos/default.yaml``) and apply overrides.
+
+    Environment overrides apply first, explicit ``overrides`` (from ``--arg``) last.
+    """
+    file = Path(path or os.environ.get("FTSERVE_CONFIG") or DEFAULT_SERVICE_FILE)
+    if not file.is_file():
+        raise ConfigError(f"service config {str(file)!r} does not exist")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"service config {str(file)!r} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"service config {str(file)!r} must be a mapping, got {type(data).__name__}")
+    for key, value in {**env_overrides(), **(overrides or {})}.items():
+        _set_dotted(data, key, _parse_value(value))
+    try:
+        return ServiceConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"service config {str(file)!r}: {exc}") from exc

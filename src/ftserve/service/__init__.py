@@ -1,0 +1,1 @@
+"""The serving layer: OpenAI protocol, routes, metrics and the BentoML service shell."""

@@ -1,0 +1,114 @@
+"""HTTP routes of the OpenAI surface, mounted by the BentoML service at ``/v1``.
+
+Thin: parse JSON, validate with the protocol models, call :class:`OpenAIServing`, turn errors into
+OpenAI error bodies. No traceback ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ftserve.service import errors
+from ftserve.service.protocol import ChatCompletionRequest, CompletionRequest
+from ftserve.service.serving import OpenAIServing
+
+log = logging.getLogger(__name__)
+
+
+def _error_response(err: errors.APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+def _serving(request: Request) -> OpenAIServing:
+    serving = getattr(request.app.state, "serving", None)
+    if serving is None:
+        raise errors.unavailable("the model is still loading")
+    return serving
+
+
+async def _parse(request: Request, schema: type[BaseModel], max_bytes: int) -> Any:
+    body = await request.body()
+    if len(body) > max_bytes:
+        raise errors.APIError(413, f"request body is {len(body)} bytes; the limit is {max_bytes}",
+                              "invalid_request_error", None, "request_too_large")
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise errors.bad_request(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise errors.bad_request("request body must be a JSON object")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise errors.from_validation(exc) from None
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _guarded(handler: Handler) -> Handler:
+    """Map every failure to an OpenAI error body; unexpected ones are logged, not shown."""
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except errors.APIError as err:
+            return _error_response(err)
+        except Exception:
+            log.exception("unhandled error on %s", request.url.path)
+            return _error_response(errors.internal())
+
+    return endpoint
+
+
+def _respond(result: dict[str, Any] | Any) -> Response:
+    if isinstance(result, dict):
+        return JSONResponse(result)
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(result, media_type="text/event-stream", headers=headers)
+
+
+async def chat_completions(request: Request) -> Response:
+    serving = _serving(request)
+    req = await _parse(request, ChatCompletionRequest, serving.config.limits.max_request_bytes)
+    return _respond(await serving.chat(req))
+
+
+async def completions(request: Request) -> Response:
+    serving = _serving(request)
+    req = await _parse(request, CompletionRequest, serving.config.limits.max_request_bytes)
+    return _respond(await serving.completion(req))
+
+
+async def list_models(request: Request) -> Response:
+    return JSONResponse(_serving(request).list_models())
+
+
+async def get_model(request: Request) -> Response:
+    name = request.path_params["name"]
+    for card in _serving(request).list_models()["data"]:
+        if card["id"] == name:
+            return JSONResponse(card)
+    raise errors.not_found(f"model {name!r} does not exist", param="model")
+
+
+def build_app() -> Starlette:
+    """The ``/v1`` app; ``app.state.serving`` is set by the service once the engine is loaded."""
+    routes = [
+        Route("/chat/completions", _guarded(chat_completions), methods=["POST"]),
+        Route("/completions", _guarded(completions), methods=["POST"]),
+        Route("/models", _guarded(list_models), methods=["GET"]),
+        Route("/models/{name:path}", _guarded(get_model), methods=["GET"]),
+    ]
+    app = Starlette(routes=routes)
+    app.state.serving = None
+    return app

@@ -1,0 +1,290 @@
+"""OpenAI serving logic over an ``Engine``: validate, build the prompt, generate, shape the response.
+
+Routes call :class:`OpenAIServing`; it knows nothing of HTTP beyond returning a JSON-able dict (plain
+answer) or an async iterator of SSE frames (streaming).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ftserve.config import ServiceConfig
+from ftserve.engine.protocol import Engine
+from ftserve.engine.request import (
+    AdapterNotFoundError,
+    EngineNotReadyError,
+    FinishReason,
+    GenerationOutput,
+    GenerationRequest,
+    QueueFullError,
+    SamplingParams,
+)
+from ftserve.service import errors, metrics
+from ftserve.service.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    Usage,
+    chat_chunk,
+    chat_response,
+    completion_response,
+    model_card,
+    new_id,
+)
+
+log = logging.getLogger(__name__)
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse(payload: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+
+
+@dataclass
+class _Job:
+    """One request on its way through the engine, with what metrics need."""
+
+    rid: str
+    model: str  # the name the client used
+    adapter: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    started: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    generated: int = 0
+    finish: FinishReason | None = None
+
+
+class OpenAIServing:
+    def __init__(self, engine: Engine, config: ServiceConfig, protocol: str = "rest") -> None:
+        self.engine = engine
+        self.config = config
+        self.protocol = protocol
+
+    # -- models ----------------------------------------------------------------------------------------
+
+    def list_models(self) -> dict[str, Any]:
+        base = self.config.base_name
+        cards = [model_card(base, "ftserve")]
+        cards += [model_card(name, "ftserve", parent=base) for name in self.engine.adapters()]
+        return {"object": "list", "data": cards}
+
+    def resolve_adapter(self, model: str) -> str | None:
+        """The OpenAI ``model`` field: the base model's name, or an adapter's."""
+        if model == self.config.base_name:
+            return None
+        if model in self.engine.adapters():
+            return model
+        known = [self.config.base_name, *self.engine.adapters()]
+        raise errors.not_found(f"model {model!r} does not exist; available: {known}", param="model")
+
+    # -- validation ------------------------------------------------------------------------------------
+
+    def _sampling(self, req: ChatCompletionRequest | CompletionRequest, max_tokens: int | None,
+                  prompt_len: int) -> SamplingParams:
+        limits = self.config.limits
+        if req.n != 1:
+            raise errors.bad_request(f"n={req.n} is not supported; only n=1", param="n")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(req, name):
+                raise errors.bad_request(f"{name} is not supported; omit it or send 0", param=name)
+        if req.logit_bias:
+            raise errors.bad_request("logit_bias is not supported", param="logit_bias")
+        stop = req.stop_list()
+        if len(stop) > limits.max_stop_sequences:
+            raise errors.bad_request(
+                f"at most {limits.max_stop_sequences} stop sequences are allowed, got {len(stop)}", param="stop"
+            )
+        if any(len(s) > limits.max_stop_length for s in stop) or any(not s for s in stop):
+            raise errors.bad_request(
+                f"each stop sequence must have 1 to {limits.max_stop_length} characters", param="stop"
+            )
+        context = self.engine.max_model_len
+        if prompt_len >= context:
+            raise errors.bad_request(
+                f"prompt has {prompt_len} tokens, but the context window is {context} tokens",
+                param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
+                code="context_length_exceeded",
+            )
+        if max_tokens is None:  # no ask: as many as the default allows and the context still holds
+            max_tokens = min(limits.default_max_tokens, context - prompt_len)
+        elif max_tokens < 1 or max_tokens > limits.max_tokens:
+            raise errors.bad_request(
+                f"max_tokens must be between 1 and {limits.max_tokens} (the configured limit), got {max_tokens}",
+                param="max_tokens",
+            )
+        elif prompt_len + max_tokens > context:
+            raise errors.bad_request(
+                f"the context window is {context} tokens, but {prompt_len + max_tokens} were requested "
+                f"({prompt_len} in the prompt, {max_tokens} for the completion)",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k,
+            seed=req.seed,
+            stop=tuple(stop),
+            ignore_eos=req.ignore_eos,
+        )
+
+    def _chat_job(self, req: ChatCompletionRequest) -> _Job:
+        if req.logprobs or req.top_logprobs:
+            raise errors.bad_request("logprobs are not supported", param="logprobs")
+        if req.tools or req.tool_choice not in (None, "none"):
+            raise errors.bad_request("tool calling is not supported", param="tools")
+        if req.response_format is not None and req.response_format.type != "text":
+            raise errors.bad_request("only response_format type 'text' is supported", param="response_format")
+        if req.max_tokens is not None and req.max_completion_tokens is not None:
+            raise errors.bad_request("give max_tokens or max_completion_tokens, not both", param="max_tokens")
+        adapter = self.resolve_adapter(req.model)
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages
+        ]
+        prompt_ids = self.engine.tokenizer.apply_chat_template(messages)
+        max_tokens = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
+        return _Job(new_id("chatcmpl"), req.model, adapter, prompt_ids, self._sampling(req, max_tokens, len(prompt_ids)))
+
+    def _completion_job(self, req: CompletionRequest) -> _Job:
+        if req.echo:
+            raise errors.bad_request("echo is not supported", param="echo")
+        if req.logprobs is not None:
+            raise errors.bad_request("logprobs are not supported", param="logprobs")
+        if req.suffix:
+            raise errors.bad_request("suffix is not supported", param="suffix")
+        if req.best_of not in (None, 1):
+            raise errors.bad_request("best_of > 1 is not supported", param="best_of")
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+            if len(prompt) != 1:
+                raise errors.bad_request("batched prompts are not supported; send one prompt", param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            prompt_ids = self.engine.tokenizer.encode(prompt)
+        else:
+            vocab = getattr(self.engine.tokenizer, "vocab_size", None)
+            if any(i < 0 or (vocab is not None and i >= vocab) for i in prompt):
+                raise errors.bad_request("prompt token ids are out of the vocabulary", param="prompt")
+            prompt_ids = list(prompt)
+        if not prompt_ids:
+            raise errors.bad_request("prompt is empty", param="prompt")
+        adapter = self.resolve_adapter(req.model)
+        return _Job(new_id("cmpl"), req.model, adapter, prompt_ids, self._sampling(req, req.max_tokens, len(prompt_ids)))
+
+    # -- generation ------------------------------------------------------------------------------------
+
+    async def _start(self, job: _Job) -> tuple[GenerationOutput, AsyncIterator[GenerationOutput]]:
+        """Submit and wait for the first output, so submission errors still become HTTP statuses."""
+        stream = self.engine.generate(GenerationRequest(job.rid, job.prompt_ids, job.params, job.adapter))
+        try:
+            first = await anext(stream)
+        except QueueFullError as exc:
+            raise errors.too_many_requests(str(exc)) from None
+        except AdapterNotFoundError as exc:
+            raise errors.not_found(str(exc), param="model") from None
+        except EngineNotReadyError as exc:
+            raise errors.unavailable(str(exc)) from None
+        except ValueError as exc:
+            raise errors.bad_request(str(exc)) from None
+        except BaseException:
+            await stream.aclose()
+            raise
+        return first, stream
+
+    async def _outputs(self, job: _Job) -> AsyncIterator[GenerationOutput]:
+        """All outputs of a job; records metrics when it ends, however it ends."""
+        first, stream = await self._start(job)
+        try:
+            out: GenerationOutput | None = first
+            while out is not None:
+                if job.first_token_at is None and out.num_generated_tokens:
+                    job.first_token_at = time.monotonic()
+                job.generated = out.num_generated_tokens
+                job.finish = out.finish_reason
+                yield out
+                out = None if out.finished else await anext(stream, None)
+        finally:
+            await stream.aclose()
+            self._record(job)
+
+    def _record(self, job: _Job) -> None:
+        reason = job.finish or FinishReason.ABORT
+        metrics.observe_request(
+            job.adapter or "base",
+            self.protocol,
+            ttft_s=None if job.first_token_at is None else job.first_token_at - job.started,
+            e2e_s=time.monotonic() - job.started,
+            prompt_tokens=len(job.prompt_ids),
+            generated_tokens=job.generated,
+            finish_reason=str(reason),
+        )
+
+    async def _collect(self, job: _Job) -> tuple[str, FinishReason, Usage]:
+        parts: list[str] = []
+        last: GenerationOutput | None = None
+        async for out in self._outputs(job):
+            parts.append(out.text)
+            last = out
+        if last is None or last.finish_reason is None or last.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
+            detail = last.error if last is not None and last.error else "generation was aborted"
+            raise errors.internal(f"generation failed: {detail}")
+        return "".join(parts), last.finish_reason, Usage.of(len(job.prompt_ids), last.num_generated_tokens)
+
+    # -- endpoints -------------------------------------------------------------------------------------
+
+    async def chat(self, req: ChatCompletionRequest) -> dict[str, Any] | AsyncIterator[bytes]:
+        job = self._chat_job(req)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return await self._stream(job, include_usage, chat=True)
+        text, finish, usage = await self._collect(job)
+        return chat_response(job.rid, job.model, text, _openai_finish(finish), usage)
+
+    async def completion(self, req: CompletionRequest) -> dict[str, Any] | AsyncIterator[bytes]:
+        job = self._completion_job(req)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return await self._stream(job, include_usage, chat=False)
+        text, finish, usage = await self._collect(job)
+        return completion_response(job.rid, job.model, text, _openai_finish(finish), usage)
+
+    async def _stream(self, job: _Job, include_usage: bool, chat: bool) -> AsyncIterator[bytes]:
+        outputs = self._outputs(job)
+        first = await anext(outputs)  # raises APIError before any byte is sent
+
+        def frame(text: str, finish: str | None, usage: Usage | None = None) -> bytes:
+            if chat:
+                return sse(chat_chunk(job.rid, job.model, {"content": text} if text else {}, finish, usage))
+            return sse(completion_response(job.rid, job.model, text, finish, usage, stream=True))
+
+        async def frames() -> AsyncIterator[bytes]:
+            try:
+                if chat:
+                    yield sse(chat_chunk(job.rid, job.model, {"role": "assistant", "content": ""}, None))
+                out: GenerationOutput | None = first
+                while out is not None:
+                    if out.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
+                        yield sse(errors.internal(f"generation failed: {out.error or 'aborted'}").body())
+                        break
+                    if out.text or out.finished:
+                        finish = _openai_finish(out.finish_reason) if out.finished else None
+                        yield frame(out.text, finish)
+                    if out.finished and include_usage:
+                        yield frame("", None, Usage.of(len(job.prompt_ids), out.num_generated_tokens))
+                    out = None if out.finished else await anext(outputs, None)
+                yield SSE_DONE
+            finally:
+                await outputs.aclose()  # the client left or we are done: cancels generation if still running
+
+        return frames()
+
+
+def _openai_finish(reason: FinishReason | None) -> str:
+    return "length" if reason == FinishReason.LENGTH else "stop"
