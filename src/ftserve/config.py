@@ -111,9 +111,7 @@ def _parse_value(value: Any) -> Any:
     return value
 
 
-def load_service_config(
-    path: Path | str | None = None, overrides: dict[str, Any] | None = None
-) -> ServiceConfig:
+def load_service_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> ServiceConfig:
     """Read a deployment file (default: ``$FTSERVE_CONFIG`` or ``bentos/default.yaml``) and apply overrides.
 
     Environment overrides apply first, explicit ``overrides`` (from ``--arg``) last.

@@ -103,7 +103,9 @@ class ModelStore:
             folder = self.path_for(ref)
             if (folder / MARKER).is_file():
                 return folder
-            raise ModelStoreError(f"model {ref!r} is not in the store at {self.models_dir}: run `ftserve model pull {ref}`")
+            raise ModelStoreError(
+                f"model {ref!r} is not in the store at {self.models_dir}: run `ftserve model pull {ref}`"
+            )
         candidate = Path(ref).expanduser()
         if candidate.is_dir():
             return validate_hf_folder(candidate.resolve())

@@ -123,9 +123,7 @@ def chat_response(rid: str, model: str, text: str, finish: str, usage: Usage) ->
 def chat_chunk(
     rid: str, model: str, delta: dict[str, str], finish: str | None, usage: Usage | None = None
 ) -> dict[str, Any]:
-    choices = [] if usage is not None else [
-        {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-    ]
+    choices = [] if usage is not None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
     chunk: dict[str, Any] = {
         "id": rid,
         "object": "chat.completion.chunk",
@@ -138,12 +136,15 @@ def chat_chunk(
     return chunk
 
 
-def completion_response(rid: str, model: str, text: str, finish: str | None, usage: Usage | None,
-                        stream: bool = False) -> dict[str, Any]:
+def completion_response(
+    rid: str, model: str, text: str, finish: str | None, usage: Usage | None, stream: bool = False
+) -> dict[str, Any]:
     """A text completion, or (stream=True) one chunk of it; a usage-only chunk has no choices."""
-    choices = [] if (stream and usage is not None) else [
-        {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-    ]
+    choices = (
+        []
+        if (stream and usage is not None)
+        else [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]
+    )
     body: dict[str, Any] = {
         "id": rid,
         "object": "text_completion",

@@ -38,8 +38,13 @@ def _serving(request: Request) -> OpenAIServing:
 async def _parse(request: Request, schema: type[BaseModel], max_bytes: int) -> Any:
     body = await request.body()
     if len(body) > max_bytes:
-        raise errors.APIError(413, f"request body is {len(body)} bytes; the limit is {max_bytes}",
-                              "invalid_request_error", None, "request_too_large")
+        raise errors.APIError(
+            413,
+            f"request body is {len(body)} bytes; the limit is {max_bytes}",
+            "invalid_request_error",
+            None,
+            "request_too_large",
+        )
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

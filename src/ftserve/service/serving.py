@@ -85,8 +85,9 @@ class OpenAIServing:
 
     # -- validation ------------------------------------------------------------------------------------
 
-    def _sampling(self, req: ChatCompletionRequest | CompletionRequest, max_tokens: int | None,
-                  prompt_len: int) -> SamplingParams:
+    def _sampling(
+        self, req: ChatCompletionRequest | CompletionRequest, max_tokens: int | None, prompt_len: int
+    ) -> SamplingParams:
         limits = self.config.limits
         if req.n != 1:
             raise errors.bad_request(f"n={req.n} is not supported; only n=1", param="n")
@@ -145,12 +146,12 @@ class OpenAIServing:
         if req.max_tokens is not None and req.max_completion_tokens is not None:
             raise errors.bad_request("give max_tokens or max_completion_tokens, not both", param="max_tokens")
         adapter = self.resolve_adapter(req.model)
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages
-        ]
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         prompt_ids = self.engine.tokenizer.apply_chat_template(messages)
         max_tokens = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
-        return _Job(new_id("chatcmpl"), req.model, adapter, prompt_ids, self._sampling(req, max_tokens, len(prompt_ids)))
+        return _Job(
+            new_id("chatcmpl"), req.model, adapter, prompt_ids, self._sampling(req, max_tokens, len(prompt_ids))
+        )
 
     def _completion_job(self, req: CompletionRequest) -> _Job:
         if req.echo:
@@ -176,7 +177,9 @@ class OpenAIServing:
         if not prompt_ids:
             raise errors.bad_request("prompt is empty", param="prompt")
         adapter = self.resolve_adapter(req.model)
-        return _Job(new_id("cmpl"), req.model, adapter, prompt_ids, self._sampling(req, req.max_tokens, len(prompt_ids)))
+        return _Job(
+            new_id("cmpl"), req.model, adapter, prompt_ids, self._sampling(req, req.max_tokens, len(prompt_ids))
+        )
 
     # -- generation ------------------------------------------------------------------------------------
 

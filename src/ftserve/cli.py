@@ -1,0 +1,116 @@
+"""``ftserve`` command line. Options are generated from the pydantic settings in ``config.py``, so the
+defaults live in one place."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from ftserve.config import DEFAULT_MODEL, ConfigError, StoreConfig, load_service_config
+from ftserve.models import BUNDLED, ModelStore, ModelStoreError
+
+log = logging.getLogger("ftserve")
+
+
+def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+    """One ``--field-name`` option per scalar field, help from the field's description."""
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+            annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        if annotation not in (str, int, float, Path):
+            continue
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            type=annotation,
+            default=None,
+            help=f"{field.description or ''} (default: {field.get_default(call_default_factory=True)})",
+        )
+
+
+def options_to(model: type[BaseModel], ns: argparse.Namespace) -> Any:
+    given = {k: v for k in model.model_fields if (v := getattr(ns, k, None)) is not None}
+    return model(**given)
+
+
+def _store(ns: argparse.Namespace) -> ModelStore:
+    return ModelStore(options_to(StoreConfig, ns).home)
+
+
+def cmd_model_pull(ns: argparse.Namespace) -> int:
+    path = _store(ns).pull(ns.ref)
+    print(path)
+    return 0
+
+
+def cmd_model_list(ns: argparse.Namespace) -> int:
+    store = _store(ns)
+    pulled = set(store.list())
+    for name in sorted(set(BUNDLED) | pulled):
+        state = "pulled" if name in pulled else "bundled, not pulled"
+        print(f"{name}\t{state}\t{store.path_for(name)}")
+    return 0
+
+
+def cmd_model_path(ns: argparse.Namespace) -> int:
+    print(_store(ns).resolve(ns.ref))
+    return 0
+
+
+def cmd_config_show(ns: argparse.Namespace) -> int:
+    overrides = dict(item.split("=", 1) for item in ns.set or [])
+    config = load_service_config(ns.file, overrides)
+    print(json.dumps(config.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ftserve", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    groups = parser.add_subparsers(dest="group", required=True)
+
+    model = groups.add_parser("model", help="the model store").add_subparsers(dest="action", required=True)
+    commands: list[tuple[str, str, Callable[[argparse.Namespace], int], bool]] = [
+        ("pull", "convert a bundled model (or check a local HF folder) into the store", cmd_model_pull, True),
+        ("path", "print the local folder of a pulled model", cmd_model_path, True),
+        ("list", "list bundled and pulled models", cmd_model_list, False),
+    ]
+    for name, help_, func, takes_ref in commands:
+        sub = model.add_parser(name, help=help_)
+        if takes_ref:
+            sub.add_argument("ref", nargs="?", default=DEFAULT_MODEL, help="bundled model name or local folder")
+        add_model_options(sub, StoreConfig)
+        sub.set_defaults(func=func)
+
+    config = groups.add_parser("config", help="deployment settings").add_subparsers(dest="action", required=True)
+    show = config.add_parser("show", help="print the resolved service settings")
+    show.add_argument("file", nargs="?", default=None, help="deployment file (default bentos/default.yaml)")
+    show.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. engine.dtype=float32")
+    show.set_defaults(func=cmd_config_show)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if ns.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(ns.func(ns))
+    except (ModelStoreError, ConfigError) as exc:
+        log.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
