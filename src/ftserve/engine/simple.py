@@ -142,7 +142,9 @@ class SimpleEngine:
             raise ValueError(
                 f"prompt has {len(request.prompt_token_ids)} tokens; the context window is {self.max_model_len}"
             )
-        if len(self._waiting) >= self.config.max_queue:
+        # Requests that fit in free running slots do not count against the waiting limit.
+        free_slots = max(0, self.config.max_num_seqs - len(self._running))
+        if len(self._waiting) >= free_slots + self.config.max_queue:
             raise QueueFullError(f"queue is full ({self.config.max_queue} waiting requests); retry later")
         params = request.params
         detok = IncrementalDetokenizer(self.tokenizer, params.stop, request.prompt_token_ids[-CONTEXT_TOKENS:])
