@@ -189,14 +189,6 @@ def test_prompt_context_is_not_part_of_the_output() -> None:
     assert "".join(_run(detok, ids)) + detok.flush() == " world!"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "src bug: flush() re-decodes the text when it ends in an incomplete character but does not search "
-        "it for stop strings, so a stop string completed in a token that also ends mid-character is "
-        "released (followed by '\\ufffd') when generation ends on the next step (EOS or max_tokens)"
-    ),
-)
 def test_flush_does_not_release_a_stop_string_hidden_behind_an_incomplete_character() -> None:
     detok, _, ids = _detok([b"ab", b"STOP" + EURO[:1]], stop=("STOP",))
 
@@ -205,14 +197,6 @@ def test_flush_does_not_release_a_stop_string_hidden_behind_an_incomplete_charac
     assert "STOP" not in out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "src bug: _decode_generated() returns the whole decode, prompt context included, when the context "
-        "ends mid-character (its decode ends in '\\ufffd', so the full decode does not start with it); "
-        "a token-id prompt ending in part of a character makes the prompt tail leak into the output"
-    ),
-)
 def test_prompt_context_ending_mid_character_does_not_leak_into_the_output() -> None:
     detok, _, ids = _detok([EURO[2:], b" each"], prompt=[b"Price: 3 ", EURO[:2]])
 

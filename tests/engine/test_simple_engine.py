@@ -85,7 +85,9 @@ def test_concurrent_greedy_requests_match_hf_generate_alone(engine: SimpleEngine
 
 def test_stop_string_ends_generation_before_it(engine: SimpleEngine) -> None:
     ids = chat_ids(engine, PROMPTS[1])
-    plain = run(engine, lambda: collect(engine, GenerationRequest("a", ids, SamplingParams(max_tokens=24, temperature=0))))
+    plain = run(
+        engine, lambda: collect(engine, GenerationRequest("a", ids, SamplingParams(max_tokens=24, temperature=0)))
+    )
     text = "".join(o.text for o in plain)
     words = text.split()
     assert len(words) > 4, text

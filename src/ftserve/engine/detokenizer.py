@@ -29,7 +29,9 @@ class IncrementalDetokenizer:
     def _decode_generated(self) -> str:
         ctx = self._decoder.decode(self._context, skip_special_tokens=True)
         full = self._decoder.decode(self._context + self._ids, skip_special_tokens=True)
-        return full[len(ctx) :] if full.startswith(ctx) else full
+        # Normally ``full`` starts with ``ctx``. When the context ends inside a multi-byte character, ``ctx``
+        # ends in U+FFFD that ``full`` completes: keep only what follows the common part.
+        return full[_common_prefix_len(ctx, full) :]
 
     def add(self, token_id: int) -> str:
         """Add one token; return the text that became final (may be empty)."""
@@ -39,23 +41,28 @@ class IncrementalDetokenizer:
         text = self._decode_generated()
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
             return ""
-        self._text = text
-        if self._stop:
-            # Search only where a new match can start: just before the released part, onward.
-            start = max(0, self._released - max(len(s) for s in self._stop) + 1)
-            hits = [i for s in self._stop if (i := self._text.find(s, start)) != -1]
-            if hits:
-                self._text = self._text[: min(hits)]
-                self.stopped = True
-                return self._release(len(self._text))
-            return self._release(len(self._text) - self._partial_stop_len())
-        return self._release(len(self._text))
+        return self._scan(text, final=False)
 
     def flush(self) -> str:
-        """At the end of generation: release whatever is held back (a stop-string prefix that never completed)."""
-        if not self.stopped:
-            self._text = self._decode_generated()  # include a trailing incomplete character, if any
-        return self._release(len(self._text))
+        """At the end of generation: release what is held back (a stop-string prefix that never completed,
+        a trailing incomplete character), still cutting at a stop string."""
+        if self.stopped:
+            return ""
+        return self._scan(self._decode_generated(), final=True)
+
+    def _scan(self, text: str, final: bool) -> str:
+        """Take the decoded text, cut it at the first stop string, and release what is final."""
+        self._text = text
+        if not self._stop:
+            return self._release(len(text))
+        # Search only where a new match can start: just before the released part, onward.
+        start = max(0, self._released - max(len(s) for s in self._stop) + 1)
+        hits = [i for s in self._stop if (i := text.find(s, start)) != -1]
+        if hits:
+            self._text = text[: min(hits)]
+            self.stopped = True
+            return self._release(len(self._text))
+        return self._release(len(text) if final else len(text) - self._partial_stop_len())
 
     def _partial_stop_len(self) -> int:
         """Length of the longest tail of the text that is a proper prefix of some stop string."""
@@ -72,3 +79,11 @@ class IncrementalDetokenizer:
         delta = self._text[self._released : upto]
         self._released = upto
         return delta
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
