@@ -61,6 +61,18 @@ class LimitsConfig(_Strict):
     max_request_bytes: int = Field(1 << 20, ge=1024, description="Largest request body.")
 
 
+class SamplingDefaults(_Strict):
+    """Sampling used when a request leaves a field out (like vLLM's generation-config override).
+
+    Small instruct models ramble at OpenAI's default temperature 1.0; a deployment sets what its model
+    card recommends.
+    """
+
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="Temperature when a request gives none.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="top_p when a request gives none.")
+    top_k: int | None = Field(None, ge=1, description="top_k when a request gives none.")
+
+
 class ServiceConfig(_Strict):
     """One deployment: the model, the engine, the adapters, the limits."""
 
@@ -74,6 +86,7 @@ class ServiceConfig(_Strict):
     store: StoreConfig = Field(default_factory=StoreConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
 
     @property
     def base_name(self) -> str:

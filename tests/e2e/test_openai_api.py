@@ -35,7 +35,8 @@ def test_models_lists_the_base_model(client: openai.OpenAI, server: Server) -> N
 
 
 def test_chat_gives_a_coherent_answer(client: openai.OpenAI, server: Server) -> None:
-    res = client.chat.completions.create(model=server.model, messages=QUESTION, temperature=0, max_tokens=32)
+    # No sampling fields: the deployment's defaults (bentos/default.yaml) apply, as for a plain client.
+    res = client.chat.completions.create(model=server.model, messages=QUESTION)
     assert "Paris" in (res.choices[0].message.content or "")
     assert res.usage is not None and res.usage.total_tokens == res.usage.prompt_tokens + res.usage.completion_tokens
 

@@ -209,3 +209,20 @@ def test_finished_requests_are_counted_by_reason() -> None:
     before = count()
     call(FakeEngine(words("a", finish=FinishReason.LENGTH)), "/completions", {"model": BASE, "prompt": "hi"})
     assert count() == before + 1
+
+
+def test_deployment_sampling_defaults_fill_omitted_fields() -> None:
+    engine = FakeEngine()
+    app_config = ServiceConfig(served_model_name=BASE, sampling={"temperature": 0.0, "top_p": 0.5, "top_k": 3})
+    app = build_app()
+    app.state.serving = OpenAIServing(engine, app_config)
+
+    async def go(body: dict[str, Any]) -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            assert (await client.post("/chat/completions", json=body)).status_code == 200
+
+    asyncio.run(go(chat()))
+    asyncio.run(go(chat(temperature=0.7, top_p=1.0, top_k=9)))
+    omitted, given = (r.params for r in engine.requests)
+    assert (omitted.temperature, omitted.top_p, omitted.top_k) == (0.0, 0.5, 3)
+    assert (given.temperature, given.top_p, given.top_k) == (0.7, 1.0, 9)

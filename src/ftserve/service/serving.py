@@ -126,11 +126,12 @@ class OpenAIServing:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
+        defaults = self.config.sampling
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=req.top_k,
+            temperature=defaults.temperature if req.temperature is None else req.temperature,
+            top_p=defaults.top_p if req.top_p is None else req.top_p,
+            top_k=defaults.top_k if req.top_k is None else req.top_k,
             seed=req.seed,
             stop=tuple(stop),
             ignore_eos=req.ignore_eos,
