@@ -244,20 +244,20 @@ class OpenAIServing:
     # -- endpoints -------------------------------------------------------------------------------------
 
     async def chat(self, req: ChatCompletionRequest) -> dict[str, Any] | AsyncIterator[bytes]:
-        job = self._chat_job(req)
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return await self._stream(job, include_usage, chat=True)
-        text, finish, usage = await self._collect(job)
-        return chat_response(job.rid, job.model, text, _openai_finish(finish), usage)
+        return await self._serve(self._chat_job(req), req, chat=True)
 
     async def completion(self, req: CompletionRequest) -> dict[str, Any] | AsyncIterator[bytes]:
-        job = self._completion_job(req)
+        return await self._serve(self._completion_job(req), req, chat=False)
+
+    async def _serve(
+        self, job: _Job, req: ChatCompletionRequest | CompletionRequest, chat: bool
+    ) -> dict[str, Any] | AsyncIterator[bytes]:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return await self._stream(job, include_usage, chat=False)
+            return await self._stream(job, include_usage, chat=chat)
         text, finish, usage = await self._collect(job)
-        return completion_response(job.rid, job.model, text, _openai_finish(finish), usage)
+        build = chat_response if chat else completion_response
+        return build(job.rid, job.model, text, _openai_finish(finish), usage)
 
     async def _stream(self, job: _Job, include_usage: bool, chat: bool) -> AsyncIterator[bytes]:
         outputs = self._outputs(job)
