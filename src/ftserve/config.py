@@ -40,7 +40,10 @@ class StoreConfig(_Strict):
 class EngineConfig(_Strict):
     """How the engine runs the model."""
 
-    backend: Literal["simple"] = Field("simple", description="Engine implementation (registered by name).")
+    backend: Literal["native", "simple"] = Field(
+        "native",
+        description="Engine implementation: native (continuous batching, paged KV) or simple (reference).",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Compute dtype; auto = bfloat16 on CPU and CUDA."
     )
@@ -49,6 +52,14 @@ class EngineConfig(_Strict):
     max_model_len: int = Field(2048, ge=16, le=1 << 20, description="Context window: prompt + new tokens.")
     max_num_seqs: int = Field(8, ge=1, le=4096, description="Requests decoded at the same time.")
     max_queue: int = Field(64, ge=0, description="Requests allowed to wait; past this a request gets 429.")
+    max_num_batched_tokens: int = Field(
+        512, ge=1, description="Tokens computed per step; long prompts are prefilled in chunks of this size."
+    )
+    block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV-cache block.")
+    kv_cache_tokens: int | None = Field(
+        None, ge=16, description="KV-cache capacity in tokens; default max_num_seqs * max_model_len."
+    )
+    enable_prefix_caching: bool = Field(True, description="Reuse the KV of shared prompt prefixes.")
 
 
 class LimitsConfig(_Strict):

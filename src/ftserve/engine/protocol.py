@@ -71,7 +71,8 @@ def register_engine(name: str) -> Callable[[EngineFactory], EngineFactory]:
 
 def create_engine(model_dir: Path, config: EngineConfig) -> Engine:
     """Build the engine ``config.backend`` names; an unknown name lists the known ones."""
-    import ftserve.engine.simple  # noqa: F401  (registers itself)
+    import ftserve.engine.native
+    import ftserve.engine.simple  # noqa: F401  (both register themselves)
 
     try:
         factory = _REGISTRY[config.backend]

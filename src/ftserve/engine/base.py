@@ -1,0 +1,231 @@
+"""What every in-process engine shares: per-request streams, the async step loop, and token acceptance.
+
+A subclass decides what one step computes (``_plan`` on the event loop, ``_execute`` on a worker thread)
+and how resources are released (``_release``). The loop itself is schedule → run → update:
+
+    plan = self._plan()                                   # on the loop: admit, schedule
+    results = await asyncio.to_thread(self._execute, plan)  # forward + sample, off the loop
+    self._update(results)                                 # stream outputs, retire finished requests
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ftserve.engine.detokenizer import IncrementalDetokenizer
+from ftserve.engine.protocol import EngineStats
+from ftserve.engine.request import (
+    EngineNotReadyError,
+    FinishReason,
+    GenerationOutput,
+    GenerationRequest,
+)
+from ftserve.engine.sampler import make_generator
+
+log = logging.getLogger(__name__)
+
+CONTEXT_TOKENS = 4  # prompt tokens given to the detokenizer so the first word decodes with its space
+
+
+@dataclass(eq=False)
+class RequestState:
+    """One request inside an engine: its stream, text state and generated tokens."""
+
+    request: GenerationRequest
+    detok: IncrementalDetokenizer
+    generator: torch.Generator | None
+    outputs: asyncio.Queue[GenerationOutput] = field(default_factory=asyncio.Queue)
+    generated: list[int] = field(default_factory=list)
+    aborted: bool = False  # the consumer left or abort() was called: stop at the next step boundary
+    finished: bool = False  # the last output was queued
+
+
+Results = list[tuple[RequestState, GenerationOutput]]
+
+
+class LoopEngine(ABC):
+    """The async shell of an engine; see the module docstring."""
+
+    max_model_len: int
+    on_step: Callable[[EngineStats], None] | None = None
+
+    def __init__(self, tokenizer: Any, eos_ids: frozenset[int], max_model_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self._eos = eos_ids
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # -- subclass hooks --------------------------------------------------------------------------------
+
+    @abstractmethod
+    def _validate(self, request: GenerationRequest) -> None:
+        """Raise a typed error for a request this engine cannot take (unknown adapter, full queue...)."""
+
+    @abstractmethod
+    def _enqueue(self, state: RequestState) -> None: ...
+
+    @abstractmethod
+    def _states(self) -> Iterable[RequestState]:
+        """Every request waiting or running."""
+
+    @abstractmethod
+    def _plan(self) -> Any | None:
+        """On the loop: drop aborted requests, admit and schedule; None when there is nothing to run."""
+
+    @abstractmethod
+    def _execute(self, plan: Any) -> Results:
+        """On a worker thread: run the plan, return one output per request that advanced."""
+
+    @abstractmethod
+    def _release(self, state: RequestState) -> None:
+        """Free what a finished request holds (KV blocks, caches) and forget it."""
+
+    @abstractmethod
+    def stats(self) -> EngineStats: ...
+
+    def adapters(self) -> list[str]:
+        return []
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._closing = False
+            self._wake = asyncio.Event()
+            self._task = asyncio.create_task(self._loop(), name=f"{type(self).__name__}-loop")
+
+    async def stop(self) -> None:
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for state in list(self._states()):
+            self._finish(state, FinishReason.ABORT)
+
+    @property
+    def ready(self) -> bool:
+        return not self._closing and self._task is not None and not self._task.done()
+
+    # -- requests --------------------------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        if self._closing:
+            raise EngineNotReadyError("engine is shutting down")
+        if not request.prompt_token_ids:
+            raise ValueError("prompt is empty")
+        if len(request.prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(request.prompt_token_ids)} tokens; the context window is {self.max_model_len}"
+            )
+        self._validate(request)
+        params = request.params
+        detok = IncrementalDetokenizer(self.tokenizer, params.stop, request.prompt_token_ids[-CONTEXT_TOKENS:])
+        state = RequestState(request, detok, make_generator(params))
+        await self.start()
+        self._enqueue(state)
+        self._notify()
+        try:
+            while True:
+                out = await state.outputs.get()
+                yield out
+                if out.finished:
+                    return
+        finally:
+            if not state.finished:  # the consumer left early: cancel at the next step boundary
+                state.aborted = True
+                self._notify()
+
+    async def abort(self, request_id: str) -> None:
+        for state in self._states():
+            if state.request.request_id == request_id:
+                state.aborted = True
+        self._notify()
+
+    # -- the loop --------------------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        wake = self._wake
+        if wake is None:
+            raise RuntimeError("engine loop started without start()")
+        while not self._closing:
+            plan = self._plan()
+            self._report()
+            if plan is None:
+                wake.clear()
+                await wake.wait()
+                continue
+            results = await asyncio.to_thread(self._execute, plan)
+            self._update(results)
+
+    def _update(self, results: Results) -> None:
+        for state, out in results:
+            if state.finished:
+                continue
+            state.finished = out.finished
+            state.outputs.put_nowait(out)
+            if out.finished:
+                self._release(state)
+        self._report()
+
+    def _drop_aborted(self) -> None:
+        for state in [s for s in self._states() if s.aborted]:
+            self._finish(state, FinishReason.ABORT)
+
+    # -- token acceptance ------------------------------------------------------------------------------
+
+    def accept(self, state: RequestState, token: int) -> GenerationOutput:
+        """Record a sampled token and decide whether the request is done (EOS, stop string, length)."""
+        state.generated.append(token)
+        params = state.request.params
+        if token in self._eos and not params.ignore_eos:
+            return self.output(state, state.detok.flush(), [token], FinishReason.STOP)
+        text = state.detok.add(token)
+        if state.detok.stopped:
+            return self.output(state, text, [token], FinishReason.STOP)
+        total = len(state.request.prompt_token_ids) + len(state.generated)
+        if len(state.generated) >= params.max_tokens or total >= self.max_model_len:
+            return self.output(state, text + state.detok.flush(), [token], FinishReason.LENGTH)
+        return self.output(state, text, [token], None)
+
+    def failed(self, state: RequestState, exc: BaseException) -> GenerationOutput:
+        log.error("request %s failed: %s", state.request.request_id, exc, exc_info=exc)
+        return self.output(state, "", [], FinishReason.ERROR, f"{type(exc).__name__}: {exc}")
+
+    @staticmethod
+    def output(
+        state: RequestState, text: str, ids: list[int], reason: FinishReason | None, error: str | None = None
+    ) -> GenerationOutput:
+        return GenerationOutput(
+            request_id=state.request.request_id,
+            text=text,
+            token_ids=ids,
+            num_prompt_tokens=len(state.request.prompt_token_ids),
+            num_generated_tokens=len(state.generated),
+            finish_reason=reason,
+            error=error,
+        )
+
+    def _finish(self, state: RequestState, reason: FinishReason) -> None:
+        if not state.finished:
+            state.finished = True
+            state.outputs.put_nowait(self.output(state, "", [], reason))
+            self._release(state)
+
+    def _notify(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _report(self) -> None:
+        if self.on_step is not None:
+            self.on_step(self.stats())

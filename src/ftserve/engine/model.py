@@ -1,0 +1,253 @@
+"""A Llama-family decoder that runs packed, variable-length batches over a paged KV cache.
+
+One forward computes every scheduled token of every sequence: projections and MLPs run once over all
+packed tokens; attention reads each sequence's keys and values through its block table. Decode rows
+(one token each) are attended in one batched call; prefill chunks one sequence at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from ftserve.engine.batch import ForwardBatch
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+
+
+class UnsupportedModelError(ValueError):
+    """The model folder holds an architecture or setting the native engine does not implement."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position: int
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> ModelShape:
+        archs = cfg.get("architectures") or []
+        if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+            raise UnsupportedModelError(
+                f"architectures {archs} not supported; native supports {SUPPORTED_ARCHITECTURES}"
+            )
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise UnsupportedModelError(f"rope_type {rope_type!r} not supported by the native engine")
+        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+            raise UnsupportedModelError("attention/MLP biases are not supported by the native engine")
+        heads = int(cfg["num_attention_heads"])
+        return cls(
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=int(cfg["hidden_size"]),
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+            max_position=int(cfg.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim  # times the element size
+
+
+@dataclass
+class Layer:
+    input_norm: torch.Tensor  # [hidden]
+    qkv: torch.Tensor  # [(heads + 2 * kv_heads) * head_dim, hidden]: q, k and v projections fused
+    o: torch.Tensor  # [hidden, heads * head_dim]
+    post_norm: torch.Tensor  # [hidden]
+    gate_up: torch.Tensor  # [2 * intermediate, hidden]: gate and up projections fused
+    down: torch.Tensor  # [hidden, intermediate]
+
+
+class KVCache:
+    """Keys and values of every layer in flat slots: slot = block_id * block_size + offset."""
+
+    def __init__(self, shape: ModelShape, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
+        slots = num_blocks * block_size
+        size = (shape.num_layers, slots, shape.num_kv_heads, shape.head_dim)
+        self.k = torch.zeros(size, dtype=dtype, device=device)
+        self.v = torch.zeros(size, dtype=dtype, device=device)
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Computed in float32 as in the reference implementation, then cast back.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class NativeLlama:
+    """Weights in plain tensors; ``forward`` takes a :class:`ForwardBatch` and returns sampled-row logits."""
+
+    def __init__(self, shape: ModelShape, weights: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
+        self.shape = shape
+        self.device = device
+        self.dtype = dtype
+
+        def w(name: str) -> torch.Tensor:
+            if name not in weights:
+                raise UnsupportedModelError(f"weight {name!r} missing from the checkpoint")
+            return weights[name].to(device=device, dtype=dtype)
+
+        self.embed = w("model.embed_tokens.weight")
+        self.lm_head = self.embed if shape.tie_word_embeddings else w("lm_head.weight")
+        self.final_norm = w("model.norm.weight")
+        self.layers: list[Layer] = []
+        for i in range(shape.num_layers):
+            p = f"model.layers.{i}."
+            attn = [w(p + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")]
+            mlp = [w(p + f"mlp.{n}_proj.weight") for n in ("gate", "up")]
+            self.layers.append(
+                Layer(
+                    input_norm=w(p + "input_layernorm.weight"),
+                    qkv=torch.cat(attn, dim=0).contiguous(),
+                    o=w(p + "self_attn.o_proj.weight"),
+                    post_norm=w(p + "post_attention_layernorm.weight"),
+                    gate_up=torch.cat(mlp, dim=0).contiguous(),
+                    down=w(p + "mlp.down_proj.weight"),
+                )
+            )
+        inv_freq = 1.0 / (
+            shape.rope_theta ** (torch.arange(0, shape.head_dim, 2, dtype=torch.float32) / shape.head_dim)
+        )
+        freqs = torch.outer(torch.arange(shape.max_position, dtype=torch.float32), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = emb.cos().to(device=device, dtype=dtype)
+        self.sin = emb.sin().to(device=device, dtype=dtype)
+
+    @classmethod
+    def from_dir(cls, model_dir: Path, device: torch.device, dtype: torch.dtype) -> NativeLlama:
+        cfg = json.loads((model_dir / "config.json").read_text())
+        shape = ModelShape.from_config(cfg)
+        weights: dict[str, torch.Tensor] = {}
+        files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            raise UnsupportedModelError(f"{model_dir} has no safetensors weights")
+        for file in files:
+            with safe_open(str(file), framework="pt") as fh:
+                for key in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    weights[key] = fh.get_tensor(key)
+        return cls(shape, weights, device, dtype)
+
+    # -- forward ---------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, cache: KVCache, lora: Any = None) -> torch.Tensor:
+        """Logits [S, vocab] (float32) for the rows in ``batch.logits_indices``; writes new KV into ``cache``."""
+        s = self.shape
+        h = self.embed[batch.input_ids]
+        cos = self.cos[batch.positions].unsqueeze(1)  # [T, 1, D]
+        sin = self.sin[batch.positions].unsqueeze(1)
+        plan = _AttentionPlan(batch, cache.block_size, self.device)
+        q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        for i, layer in enumerate(self.layers):
+            x = _rms_norm(h, layer.input_norm, s.rms_norm_eps)
+            qkv = F.linear(x, layer.qkv)
+            if lora is not None:
+                lora.add_qkv(i, x, qkv, batch)
+            q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
+            q = q.view(-1, s.num_heads, s.head_dim)
+            k = k.view(-1, s.num_kv_heads, s.head_dim)
+            v = v.view(-1, s.num_kv_heads, s.head_dim)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            cache.k[i].index_copy_(0, batch.slot_mapping, k)
+            cache.v[i].index_copy_(0, batch.slot_mapping, v)
+            attn = plan.attend(q, cache.k[i], cache.v[i]).reshape(-1, q_size)
+            out = F.linear(attn, layer.o)
+            if lora is not None:
+                lora.add(i, "o_proj", attn, out, batch)
+            h = h + out
+            x = _rms_norm(h, layer.post_norm, s.rms_norm_eps)
+            gate_up = F.linear(x, layer.gate_up)
+            if lora is not None:
+                lora.add_gate_up(i, x, gate_up, batch)
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+            out = F.linear(act, layer.down)
+            if lora is not None:
+                lora.add(i, "down_proj", act, out, batch)
+            h = h + out
+        last = _rms_norm(h[batch.logits_indices], self.final_norm, s.rms_norm_eps)
+        return F.linear(last, self.lm_head).float()
+
+
+class _AttentionPlan:
+    """Index tensors for attention, built once per forward and shared by every layer."""
+
+    def __init__(self, batch: ForwardBatch, block_size: int, device: torch.device) -> None:
+        self.query_lens = batch.query_lens
+        self.context_lens = batch.context_lens
+        starts = [0]
+        for n in batch.query_lens:
+            starts.append(starts[-1] + n)
+        self.starts = starts
+        offsets = torch.arange(block_size, device=device)
+        # Decode rows: all attended in one call over a padded [B_dec, L] slot matrix.
+        self.decode_rows = [b for b, n in enumerate(batch.query_lens) if n == 1]
+        self.prefill_rows = [b for b, n in enumerate(batch.query_lens) if n > 1]
+        if self.decode_rows:
+            rows = torch.tensor(self.decode_rows, device=device)
+            lens = torch.tensor([batch.context_lens[b] for b in self.decode_rows], device=device)
+            longest = int(lens.max())
+            nblocks = -(-longest // block_size)
+            tables = batch.block_tables[rows, :nblocks]
+            self.decode_slots = (tables.unsqueeze(-1) * block_size + offsets).reshape(len(rows), -1)[:, :longest]
+            self.decode_mask = (torch.arange(longest, device=device) < lens.unsqueeze(1))[:, None, None, :]
+            self.decode_token_index = torch.tensor([starts[b] for b in self.decode_rows], device=device)
+        self.prefill: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
+        for b in self.prefill_rows:
+            ctx, n = batch.context_lens[b], batch.query_lens[b]
+            nblocks = -(-ctx // block_size)
+            slots = (batch.block_tables[b, :nblocks].unsqueeze(-1) * block_size + offsets).reshape(-1)[:ctx]
+            # Query j sits at absolute position ctx - n + j and sees keys up to and including itself.
+            qpos = torch.arange(ctx - n, ctx, device=device).unsqueeze(1)
+            mask = torch.arange(ctx, device=device).unsqueeze(0) <= qpos
+            self.prefill.append((starts[b], n, slots, mask))
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """q [T, H, D] → attention output [T, H, D] for every packed token."""
+        out = torch.empty_like(q)
+        if self.decode_rows:
+            qd = q[self.decode_token_index].unsqueeze(2)  # [B, H, 1, D]
+            kd = k_cache[self.decode_slots].transpose(1, 2)  # [B, KVH, L, D]
+            vd = v_cache[self.decode_slots].transpose(1, 2)
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self.decode_mask, enable_gqa=True)
+            out[self.decode_token_index] = od.squeeze(2)
+        for start, n, slots, mask in self.prefill:
+            qp = q[start : start + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+            kp = k_cache[slots].transpose(0, 1).unsqueeze(0)  # [1, KVH, ctx, D]
+            vp = v_cache[slots].transpose(0, 1).unsqueeze(0)
+            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=True)
+            out[start : start + n] = op.squeeze(0).transpose(0, 1)
+        return out

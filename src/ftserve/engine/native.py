@@ -1,0 +1,126 @@
+"""The native engine: continuous batching, paged KV with prefix caching, one batched forward per step."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from ftserve.config import EngineConfig
+from ftserve.engine.base import LoopEngine, RequestState, Results
+from ftserve.engine.batch import SchedulerOutput
+from ftserve.engine.block_manager import BlockManager
+from ftserve.engine.loader import HFTokenizer, pick_device, pick_dtype, set_threads
+from ftserve.engine.model import KVCache, NativeLlama
+from ftserve.engine.protocol import EngineStats, register_engine
+from ftserve.engine.request import AdapterNotFoundError, GenerationRequest, QueueFullError
+from ftserve.engine.runner import build_batch
+from ftserve.engine.sampler import sample_token
+from ftserve.engine.scheduler import Scheduler, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class NativeEngine(LoopEngine):
+    def __init__(self, model: NativeLlama, tokenizer: HFTokenizer, eos_ids: frozenset[int], config: EngineConfig):
+        max_len = min(config.max_model_len, model.shape.max_position)
+        super().__init__(tokenizer, eos_ids, max_len)
+        self.model = model
+        self.config = config
+        capacity = config.kv_cache_tokens or config.max_num_seqs * max_len
+        num_blocks = max(-(-capacity // config.block_size), -(-max_len // config.block_size))
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.cache = KVCache(model.shape, num_blocks, config.block_size, model.dtype, model.device)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self._seqs: dict[int, Sequence] = {}
+        log.info(
+            "native engine: %d KV blocks of %d tokens (%.0f MiB), prefix caching %s",
+            num_blocks,
+            config.block_size,
+            (self.cache.k.numel() + self.cache.v.numel()) * self.cache.k.element_size() / 2**20,
+            "on" if config.enable_prefix_caching else "off",
+        )
+
+    @classmethod
+    def from_dir(cls, model_dir: Path, config: EngineConfig) -> NativeEngine:
+        device = pick_device(config.device)
+        dtype = pick_dtype(config.dtype, device)
+        threads = set_threads(config.num_threads)
+        model = NativeLlama.from_dir(model_dir, device, dtype)
+        tokenizer = HFTokenizer(model_dir)
+        eos = _eos_ids(model_dir, tokenizer)
+        log.info("loaded %s on %s as %s (%d CPU threads)", model_dir.name, device, dtype, threads)
+        return cls(model, tokenizer, eos, config)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting))
+
+    # -- LoopEngine hooks ------------------------------------------------------------------------------
+
+    def _validate(self, request: GenerationRequest) -> None:
+        if request.adapter is not None:
+            raise AdapterNotFoundError(f"adapter {request.adapter!r} not found; loaded adapters: none")
+        free_slots = max(0, self.config.max_num_seqs - len(self.scheduler.running))
+        if len(self.scheduler.waiting) >= free_slots + self.config.max_queue:
+            raise QueueFullError(f"queue is full ({self.config.max_queue} waiting requests); retry later")
+
+    def _enqueue(self, state: RequestState) -> None:
+        seq = Sequence(state.request, state.detok, state.generator, outputs=state.outputs)
+        self._seqs[seq.seq_id] = seq
+        self.scheduler.add(seq)
+
+    def _states(self) -> Iterable[RequestState]:
+        return list(self._seqs.values())
+
+    def _plan(self) -> SchedulerOutput | None:
+        self._drop_aborted()
+        out = self.scheduler.schedule()
+        return out if out.chunks else None
+
+    def _execute(self, plan: SchedulerOutput) -> Results:
+        batch, sampling = build_batch(plan, self._seqs, self.config.block_size, self.model.device)
+        try:
+            logits = self.model.forward(batch, self.cache)
+        except Exception as exc:  # a broken step fails the requests in it, never the engine
+            return [(self._seqs[c.seq_id], self.failed(self._seqs[c.seq_id], exc)) for c in plan.chunks]
+        for chunk in plan.chunks:
+            seq = self._seqs[chunk.seq_id]
+            seq.num_computed += chunk.num_tokens
+            self.blocks.commit(seq.block_table, seq.token_ids, seq.num_computed, seq.namespace)
+        greedy = logits.argmax(dim=-1).tolist()
+        results: Results = []
+        for row, seq in enumerate(sampling):
+            try:
+                params = seq.request.params
+                token = greedy[row] if params.greedy else sample_token(logits[row], params, seq.generator)
+                seq.token_ids.append(token)
+                results.append((seq, self.accept(seq, token)))
+            except Exception as exc:
+                results.append((seq, self.failed(seq, exc)))
+        return results
+
+    def _release(self, state: RequestState) -> None:
+        if isinstance(state, Sequence):
+            self.scheduler.remove(state)
+            self._seqs.pop(state.seq_id, None)
+
+
+def _eos_ids(model_dir: Path, tokenizer: HFTokenizer) -> frozenset[int]:
+    import json
+
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    for name in ("config.json", "generation_config.json"):
+        path = model_dir / name
+        if path.is_file():
+            value = json.loads(path.read_text()).get("eos_token_id")
+            ids.update([value] if isinstance(value, int) else (value or []))
+    return frozenset(ids)
+
+
+@register_engine("native")
+def _build(model_dir: Path, config: EngineConfig) -> NativeEngine:
+    return NativeEngine.from_dir(model_dir, config)

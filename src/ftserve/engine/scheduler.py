@@ -1,0 +1,103 @@
+"""Continuous batching with chunked prefill over the paged KV cache.
+
+Each step has a token budget. Running requests go first, so decoding never waits behind a long prompt:
+each decoding request takes one token, a request still prefilling takes the next chunk of its prompt.
+Waiting requests join with what budget is left, in arrival order, when their prompt's blocks fit (a
+prefix-cache hit makes them need fewer). When a running request needs a block and none is free, the most
+recently admitted one is preempted: its blocks are freed and it is recomputed later.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+from ftserve.engine.base import RequestState
+from ftserve.engine.batch import ScheduledChunk, SchedulerOutput
+from ftserve.engine.block_manager import BlockManager
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence(RequestState):
+    """A request as the scheduler tracks it."""
+
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    token_ids: list[int] = field(default_factory=list)  # prompt + generated, the KV of which is computed in order
+    num_computed: int = 0  # leading tokens whose KV is in the cache
+    block_table: list[int] = field(default_factory=list)
+    namespace: str | None = None  # prefix-cache namespace: the adapter and its version
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.request.prompt_token_ids)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Forget a finished or aborted sequence and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.block_table)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq not in self.running:  # preempted by an earlier iteration of this loop
+                continue
+            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            if not self._reserve(seq, seq.num_computed + n, out):
+                continue
+            out.chunks.append(self._chunk(seq, n))
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            alloc = self.blocks.allocate(seq.token_ids, seq.namespace)
+            if alloc is None:
+                break  # keep arrival order: wait for blocks rather than let later requests overtake
+            self.waiting.popleft()
+            seq.block_table = alloc.block_table
+            seq.num_computed = alloc.num_cached_tokens
+            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            self.running.append(seq)
+            out.chunks.append(self._chunk(seq, n))
+            budget -= n
+        return out
+
+    @staticmethod
+    def _chunk(seq: Sequence, n: int) -> ScheduledChunk:
+        return ScheduledChunk(seq.seq_id, seq.num_computed, n, sample=seq.num_computed + n == len(seq.token_ids))
+
+    def _reserve(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
+        """Blocks for ``num_tokens`` of ``seq``, preempting the newest running sequences if needed."""
+        while not self.blocks.ensure_capacity(seq.block_table, num_tokens):
+            victim = self.running[-1]
+            self._preempt(victim, out)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.block_table)
+        seq.num_computed = 0
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq.seq_id)
+        out.chunks = [c for c in out.chunks if c.seq_id != seq.seq_id]
