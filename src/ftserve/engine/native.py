@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
-
-import torch
 
 from ftserve.config import EngineConfig
 from ftserve.engine.base import LoopEngine, RequestState, Results
@@ -108,8 +107,6 @@ class NativeEngine(LoopEngine):
 
 
 def _eos_ids(model_dir: Path, tokenizer: HFTokenizer) -> frozenset[int]:
-    import json
-
     ids: set[int] = set()
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
