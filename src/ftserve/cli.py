@@ -13,28 +13,45 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
+from ftserve.bench.workloads import EngineBenchConfig
 from ftserve.config import DEFAULT_MODEL, ConfigError, StoreConfig, load_service_config
 from ftserve.models import BUNDLED, ModelStore, ModelStoreError
 
 log = logging.getLogger("ftserve")
 
 
+def _comma_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
 def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
-    """One ``--field-name`` option per scalar field, help from the field's description."""
+    """One ``--field-name`` option per scalar, ``Literal`` or list field, help from the field's description.
+
+    ``Literal`` fields become choices; list fields take comma-separated values (the model validates them).
+    """
     for name, field in model.model_fields.items():
         annotation = field.annotation
         if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
             annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
-        if annotation not in (str, int, float, Path):
+        default = field.get_default(call_default_factory=True)
+        kwargs: dict[str, Any] = {}
+        if annotation in (str, int, float, Path):
+            kwargs["type"] = annotation
+        elif typing.get_origin(annotation) is typing.Literal:
+            kwargs["choices"] = list(typing.get_args(annotation))
+        elif typing.get_origin(annotation) is list:
+            kwargs.update(type=_comma_list, metavar="A,B,...")
+            default = ",".join(map(str, default))
+        else:
             continue
         parser.add_argument(
             f"--{name.replace('_', '-')}",
             dest=name,
-            type=annotation,
             default=None,
-            help=f"{field.description or ''} (default: {field.get_default(call_default_factory=True)})",
+            help=f"{field.description or ''} (default: {default})",
+            **kwargs,
         )
 
 
@@ -67,6 +84,19 @@ def cmd_model_path(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_engine(ns: argparse.Namespace) -> int:
+    from ftserve.bench.engine_bench import run_engine_bench  # imports torch: only when benchmarking
+
+    try:
+        config = options_to(EngineBenchConfig, ns)
+    except ValidationError as exc:
+        raise ConfigError(f"bench engine: {exc}") from exc
+    model_dir = _store(ns).pull(config.model)
+    rows = run_engine_bench(config, model_dir, ns.json_path)
+    log.info("wrote %d rows to %s", len(rows), ns.json_path)
+    return 0
+
+
 def cmd_config_show(ns: argparse.Namespace) -> int:
     overrides = dict(item.split("=", 1) for item in ns.set or [])
     config = load_service_config(ns.file, overrides)
@@ -91,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("ref", nargs="?", default=DEFAULT_MODEL, help="bundled model name or local folder")
         add_model_options(sub, StoreConfig)
         sub.set_defaults(func=func)
+
+    bench = groups.add_parser("bench", help="benchmarks: JSON rows, baselines measured in the same run")
+    bench_actions = bench.add_subparsers(dest="action", required=True)
+    engine = bench_actions.add_parser("engine", help="the native engine vs HF generate (and vLLM CPU) per scenario")
+    engine.add_argument("--json", dest="json_path", type=Path, required=True, metavar="FILE", help="rows go here")
+    add_model_options(engine, EngineBenchConfig)
+    add_model_options(engine, StoreConfig)
+    engine.set_defaults(func=cmd_bench_engine)
 
     config = groups.add_parser("config", help="deployment settings").add_subparsers(dest="action", required=True)
     show = config.add_parser("show", help="print the resolved service settings")

@@ -42,6 +42,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -100,4 +101,5 @@ class Scheduler:
         seq.num_computed = 0
         self.waiting.appendleft(seq)
         out.preempted.append(seq.seq_id)
+        self.num_preemptions += 1
         out.chunks = [c for c in out.chunks if c.seq_id != seq.seq_id]

@@ -1,4 +1,4 @@
-"""The simple engine against a reference (HF generate on the same weights), and its failure handling."""
+"""Both engines against a reference (HF generate on the same weights), and their failure handling."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ import pytest
 import torch
 
 from ftserve.config import EngineConfig
+from ftserve.engine.base import LoopEngine
+from ftserve.engine.loader import HFTokenizer
+from ftserve.engine.native import NativeEngine, _eos_ids
 from ftserve.engine.protocol import EngineStats
 from ftserve.engine.request import (
     AdapterNotFoundError,
@@ -21,6 +24,7 @@ from ftserve.engine.request import (
     SamplingParams,
 )
 from ftserve.engine.simple import SimpleEngine
+from tests.engine.conftest import hf_greedy
 
 T = TypeVar("T")
 PROMPTS = [
@@ -30,12 +34,30 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def engine(model_dir: Path) -> SimpleEngine:
-    return SimpleEngine.from_dir(model_dir, EngineConfig(dtype="float32", max_num_seqs=4, max_queue=2))
+Factory = Callable[..., LoopEngine]
 
 
-def run(engine: SimpleEngine, body: Callable[[], Awaitable[T]]) -> T:
+@pytest.fixture(params=["simple", "native"])
+def make(request: pytest.FixtureRequest, model_dir: Path, hf_model: torch.nn.Module) -> Factory:
+    """Builds an engine of the parametrized kind on shared fp32 weights, with config overrides."""
+    tokenizer = HFTokenizer(model_dir)
+
+    def factory(**overrides: object) -> LoopEngine:
+        config = EngineConfig.model_validate({"dtype": "float32", "max_num_seqs": 4, "max_queue": 2, **overrides})
+        if request.param == "simple":
+            return SimpleEngine(hf_model, tokenizer, config, torch.device("cpu"))
+        native = request.getfixturevalue("native_model")
+        return NativeEngine(native, tokenizer, _eos_ids(model_dir, tokenizer), config)
+
+    return factory
+
+
+@pytest.fixture
+def engine(make: Factory) -> LoopEngine:
+    return make()
+
+
+def run(engine: LoopEngine, body: Callable[[], Awaitable[T]]) -> T:
     async def main() -> T:
         await engine.start()
         try:
@@ -46,11 +68,11 @@ def run(engine: SimpleEngine, body: Callable[[], Awaitable[T]]) -> T:
     return asyncio.run(main())
 
 
-def chat_ids(engine: SimpleEngine, text: str) -> list[int]:
+def chat_ids(engine: LoopEngine, text: str) -> list[int]:
     return engine.tokenizer.apply_chat_template([{"role": "user", "content": text}])
 
 
-async def collect(engine: SimpleEngine, req: GenerationRequest) -> list[GenerationOutput]:
+async def collect(engine: LoopEngine, req: GenerationRequest) -> list[GenerationOutput]:
     return [out async for out in engine.generate(req)]
 
 
@@ -58,16 +80,7 @@ def tokens(outputs: list[GenerationOutput]) -> list[int]:
     return [t for out in outputs for t in out.token_ids]
 
 
-def hf_greedy(engine: SimpleEngine, prompt_ids: list[int], max_new: int) -> list[int]:
-    eos = sorted(engine._eos)
-    with torch.inference_mode():
-        out = engine.model.generate(
-            torch.tensor([prompt_ids]), max_new_tokens=max_new, do_sample=False, eos_token_id=eos, pad_token_id=eos[0]
-        )
-    return out[0, len(prompt_ids) :].tolist()
-
-
-def test_concurrent_greedy_requests_match_hf_generate_alone(engine: SimpleEngine) -> None:
+def test_concurrent_greedy_requests_match_hf_generate_alone(engine: LoopEngine, hf_model: torch.nn.Module) -> None:
     params = SamplingParams(max_tokens=12, temperature=0)
     prompts = [chat_ids(engine, p) for p in PROMPTS]
 
@@ -77,13 +90,13 @@ def test_concurrent_greedy_requests_match_hf_generate_alone(engine: SimpleEngine
 
     results = run(engine, body)
     for ids, outputs in zip(prompts, results, strict=True):
-        assert tokens(outputs) == hf_greedy(engine, ids, 12)
+        assert tokens(outputs) == hf_greedy(hf_model, ids, 12, engine._eos)
         assert outputs[-1].finished and all(not o.finished for o in outputs[:-1])
         text = "".join(o.text for o in outputs)
         assert text == engine.tokenizer.decode(tokens(outputs), skip_special_tokens=True)
 
 
-def test_stop_string_ends_generation_before_it(engine: SimpleEngine) -> None:
+def test_stop_string_ends_generation_before_it(engine: LoopEngine) -> None:
     ids = chat_ids(engine, PROMPTS[1])
     plain = run(
         engine, lambda: collect(engine, GenerationRequest("a", ids, SamplingParams(max_tokens=24, temperature=0)))
@@ -99,7 +112,7 @@ def test_stop_string_ends_generation_before_it(engine: SimpleEngine) -> None:
     assert plain[-1].finish_reason == FinishReason.LENGTH
 
 
-def test_seeded_sampling_is_the_same_alone_and_in_company(engine: SimpleEngine) -> None:
+def test_seeded_sampling_is_the_same_alone_and_in_company(engine: LoopEngine) -> None:
     ids = chat_ids(engine, PROMPTS[0])
     seeded = SamplingParams(max_tokens=10, temperature=1.0, seed=1234)
     alone = run(engine, lambda: collect(engine, GenerationRequest("s", ids, seeded)))
@@ -116,7 +129,7 @@ def test_seeded_sampling_is_the_same_alone_and_in_company(engine: SimpleEngine) 
     assert tokens(run(engine, in_company)) == tokens(alone)
 
 
-def wait_for_idle(engine: SimpleEngine) -> asyncio.Event:
+def wait_for_idle(engine: LoopEngine) -> asyncio.Event:
     idle = asyncio.Event()
 
     def on_step(stats: EngineStats) -> None:
@@ -127,7 +140,7 @@ def wait_for_idle(engine: SimpleEngine) -> asyncio.Event:
     return idle
 
 
-def test_closing_the_stream_cancels_the_request(engine: SimpleEngine) -> None:
+def test_closing_the_stream_cancels_the_request(engine: LoopEngine) -> None:
     ids = chat_ids(engine, PROMPTS[1])
     params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
 
@@ -147,17 +160,19 @@ def test_closing_the_stream_cancels_the_request(engine: SimpleEngine) -> None:
     assert stats == EngineStats(num_running=0, num_waiting=0)
 
 
-def test_a_failing_request_does_not_disturb_the_others(engine: SimpleEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failing_request_does_not_disturb_the_others(
+    engine: LoopEngine, hf_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
     params = SamplingParams(max_tokens=8, temperature=0)
     prompts = [chat_ids(engine, p) for p in PROMPTS[:2]]
-    real_advance = engine._advance
+    real_accept = engine.accept
 
-    def flaky_advance(seq):  # type: ignore[no-untyped-def]
-        if seq.request.request_id == "bad" and seq.generated:
+    def flaky_accept(state, token):  # type: ignore[no-untyped-def]
+        if state.request.request_id == "bad" and state.generated:
             raise RuntimeError("injected fault")
-        return real_advance(seq)
+        return real_accept(state, token)
 
-    monkeypatch.setattr(engine, "_advance", flaky_advance)
+    monkeypatch.setattr(engine, "accept", flaky_accept)
 
     async def body() -> list[list[GenerationOutput]]:
         return await asyncio.gather(
@@ -169,12 +184,13 @@ def test_a_failing_request_does_not_disturb_the_others(engine: SimpleEngine, mon
     good0, bad, good1 = run(engine, body)
     assert bad[-1].finish_reason == FinishReason.ERROR
     assert "injected fault" in (bad[-1].error or "")
-    assert tokens(good0) == hf_greedy(engine, prompts[0], 8)
-    assert tokens(good1) == hf_greedy(engine, prompts[1], 8)
+    assert tokens(good0) == hf_greedy(hf_model, prompts[0], 8, engine._eos)
+    assert tokens(good1) == hf_greedy(hf_model, prompts[1], 8, engine._eos)
 
 
-def test_full_queue_refuses_new_requests(model_dir: Path, engine: SimpleEngine) -> None:
-    small = SimpleEngine(engine.model, engine.tokenizer, EngineConfig(max_num_seqs=1, max_queue=1), engine.device)
+def test_full_queue_refuses_new_requests(make: Factory) -> None:
+    small = make(max_num_seqs=1, max_queue=1)
+    engine = small
     ids = chat_ids(engine, PROMPTS[0])
     long = SamplingParams(max_tokens=500, temperature=0, ignore_eos=True)
 
@@ -196,7 +212,7 @@ def test_full_queue_refuses_new_requests(model_dir: Path, engine: SimpleEngine) 
     assert small.stats() == EngineStats(num_running=0, num_waiting=0)
 
 
-def test_unknown_adapter_and_overlong_prompt_are_refused(engine: SimpleEngine) -> None:
+def test_unknown_adapter_and_overlong_prompt_are_refused(engine: LoopEngine) -> None:
     params = SamplingParams(max_tokens=4)
 
     async def body() -> None:
