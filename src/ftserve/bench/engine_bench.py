@@ -11,6 +11,7 @@ interrupted run keeps what it measured.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import importlib.util
 import inspect
@@ -134,19 +135,19 @@ async def _run_all(runners: Sequence[Runner], scenarios: Sequence[Scenario], emi
             for runner in runners:
                 row = runner.row(scenario)
                 try:
-                    figures_ = await runner.run(scenario)
+                    measured = await runner.run(scenario)
                 except REFUSALS as exc:
-                    log.warning("%s/%s skipped: %s", row["engine"], scenario.name, exc)
+                    log.info("%s/%s skipped: %s", row["engine"], scenario.name, exc)
                     reason = str(exc) if isinstance(exc, ScenarioRefused) else f"{type(exc).__name__}: {exc}"
                     emit({**row, "skipped": reason})
                     continue
-                emit({**row, **figures_})
+                emit({**row, **measured})
     finally:
         for runner in runners:
             await runner.close()
 
 
-class Runner:
+class Runner(abc.ABC):
     """Measures scenarios on one engine; ``run`` raises one of ``REFUSALS`` for a scenario it cannot run."""
 
     name: str
@@ -160,8 +161,9 @@ class Runner:
     def row(self, scenario: Scenario) -> Row:
         return base_row(self.name, scenario, self.dtype)
 
+    @abc.abstractmethod
     async def run(self, scenario: Scenario) -> Row:
-        raise NotImplementedError
+        """The figures of ``scenario`` on this engine."""
 
     async def close(self) -> None:
         return None
