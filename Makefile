@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # One torch thread per core; tokenizers must not fork its own pool next to torch's.
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install model serve test lint format build clean
+.PHONY: install model serve test lint format build bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ format: install
 ## Build a Bento offline (needs uv, installed with the project, and python.lock_packages: false).
 build: install
 	$(BIN)/bentoml build .
+
+## Engine benchmark: native vs HF generate side by side, JSON rows (minutes; not part of `make test`).
+bench: model
+	$(BIN)/ftserve bench engine --json bench-engine.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info
