@@ -12,8 +12,8 @@ import torch
 
 from ftserve.config import EngineConfig
 from ftserve.engine.base import LoopEngine
-from ftserve.engine.loader import HFTokenizer
-from ftserve.engine.native import NativeEngine, _eos_ids
+from ftserve.engine.loader import HFTokenizer, eos_token_ids
+from ftserve.engine.native import NativeEngine
 from ftserve.engine.protocol import EngineStats
 from ftserve.engine.request import (
     AdapterNotFoundError,
@@ -45,9 +45,9 @@ def make(request: pytest.FixtureRequest, model_dir: Path, hf_model: torch.nn.Mod
     def factory(**overrides: object) -> LoopEngine:
         config = EngineConfig.model_validate({"dtype": "float32", "max_num_seqs": 4, "max_queue": 2, **overrides})
         if request.param == "simple":
-            return SimpleEngine(hf_model, tokenizer, config, torch.device("cpu"))
+            return SimpleEngine(hf_model, tokenizer, eos_token_ids(model_dir, tokenizer), config, torch.device("cpu"))
         native = request.getfixturevalue("native_model")
-        return NativeEngine(native, tokenizer, _eos_ids(model_dir, tokenizer), config)
+        return NativeEngine(native, tokenizer, eos_token_ids(model_dir, tokenizer), config)
 
     return factory
 

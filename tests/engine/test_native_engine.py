@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 from ftserve.config import EngineConfig
-from ftserve.engine.loader import HFTokenizer
+from ftserve.engine.loader import HFTokenizer, eos_token_ids
 from ftserve.engine.model import NativeLlama
-from ftserve.engine.native import NativeEngine, _eos_ids
+from ftserve.engine.native import NativeEngine
 from ftserve.engine.request import GenerationOutput, GenerationRequest, SamplingParams
 from tests.engine.conftest import hf_greedy
 
@@ -20,7 +20,7 @@ SYSTEM = "You are a meticulous assistant for a shipping company. " * 12
 def build(model_dir: Path, native: NativeLlama, **overrides: object) -> NativeEngine:
     tokenizer = HFTokenizer(model_dir)
     config = EngineConfig.model_validate({"dtype": "float32", "max_num_seqs": 8, **overrides})
-    return NativeEngine(native, tokenizer, _eos_ids(model_dir, tokenizer), config)
+    return NativeEngine(native, tokenizer, eos_token_ids(model_dir, tokenizer), config)
 
 
 def prompts(engine: NativeEngine) -> list[list[int]]:

@@ -68,7 +68,7 @@ class HFGenerate:
         self.config = config
         self.model, self.device, self.dtype = load_model(model_dir, config)
         self.tokenizer = HFTokenizer(model_dir)
-        self.pad_id = _pad_id(self.model, self.tokenizer)
+        self.pad_id = _pad_id(self.model, model_dir, self.tokenizer)
         self._peft: tuple[tuple[str, ...], torch.nn.Module] | None = None  # adapters loaded, and the model
         self._measured: dict[str, tuple[str, Measurement]] = {}  # workload key → (scenario, measurement)
 
@@ -155,13 +155,13 @@ class HFGenerate:
         gc.collect()
 
 
-def _pad_id(model: torch.nn.Module, tokenizer: HFTokenizer) -> int:
+def _pad_id(model: torch.nn.Module, model_dir: Path, tokenizer: HFTokenizer) -> int:
     """The generation config's pad id, else the model config's, else the smallest EOS id."""
     for source in (getattr(model, "generation_config", None), model.config):
         pad = getattr(source, "pad_token_id", None)
         if isinstance(pad, int):
             return pad
-    eos = eos_token_ids(model, tokenizer)
+    eos = eos_token_ids(model_dir, tokenizer)
     if not eos:
         raise ValueError("the model has neither a pad token nor an EOS token to pad batches with")
     return min(eos)

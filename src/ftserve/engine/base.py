@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ftserve.config import EngineConfig
 from ftserve.engine.detokenizer import IncrementalDetokenizer
 from ftserve.engine.protocol import EngineStats
 from ftserve.engine.request import (
@@ -27,6 +28,7 @@ from ftserve.engine.request import (
     FinishReason,
     GenerationOutput,
     GenerationRequest,
+    QueueFullError,
 )
 from ftserve.engine.sampler import make_generator
 
@@ -177,6 +179,14 @@ class LoopEngine(ABC):
             if out.finished:
                 self._release(state)
         self._report()
+
+    @staticmethod
+    def _check_queue(num_running: int, num_waiting: int, config: EngineConfig) -> None:
+        """Refuse a request that would have to wait behind a full queue; requests that fit in free running
+        slots do not count against the waiting limit."""
+        free_slots = max(0, config.max_num_seqs - num_running)
+        if num_waiting >= free_slots + config.max_queue:
+            raise QueueFullError(f"queue is full ({config.max_queue} waiting requests); retry later")
 
     def _drop_aborted(self) -> None:
         for state in [s for s in self._states() if s.aborted]:

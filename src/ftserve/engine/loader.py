@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -67,15 +68,14 @@ def load_model(model_dir: Path, config: EngineConfig) -> tuple[torch.nn.Module, 
     return model, device, dtype
 
 
-def eos_token_ids(model: torch.nn.Module, tokenizer: HFTokenizer) -> frozenset[int]:
+def eos_token_ids(model_dir: Path, tokenizer: HFTokenizer) -> frozenset[int]:
     """Every id that ends a sequence: the tokenizer's, the config's and the generation config's."""
     ids: set[int] = set()
-    sources = [tokenizer.eos_token_id, getattr(model.config, "eos_token_id", None)]
-    gen = getattr(model, "generation_config", None)
-    sources.append(getattr(gen, "eos_token_id", None))
-    for src in sources:
-        if isinstance(src, int):
-            ids.add(src)
-        elif isinstance(src, list | tuple):
-            ids.update(int(i) for i in src)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    for name in ("config.json", "generation_config.json"):
+        path = model_dir / name
+        if path.is_file():
+            value = json.loads(path.read_text()).get("eos_token_id")
+            ids.update([value] if isinstance(value, int) else (value or []))
     return frozenset(ids)

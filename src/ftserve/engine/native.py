@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -11,10 +10,10 @@ from ftserve.config import EngineConfig
 from ftserve.engine.base import LoopEngine, RequestState, Results
 from ftserve.engine.batch import SchedulerOutput
 from ftserve.engine.block_manager import BlockManager
-from ftserve.engine.loader import HFTokenizer, pick_device, pick_dtype, set_threads
+from ftserve.engine.loader import HFTokenizer, eos_token_ids, pick_device, pick_dtype, set_threads
 from ftserve.engine.model import KVCache, NativeLlama
 from ftserve.engine.protocol import EngineStats, register_engine
-from ftserve.engine.request import AdapterNotFoundError, GenerationRequest, QueueFullError
+from ftserve.engine.request import AdapterNotFoundError, GenerationRequest
 from ftserve.engine.runner import build_batch
 from ftserve.engine.sampler import sample_token
 from ftserve.engine.scheduler import Scheduler, Sequence
@@ -49,7 +48,7 @@ class NativeEngine(LoopEngine):
         threads = set_threads(config.num_threads)
         model = NativeLlama.from_dir(model_dir, device, dtype)
         tokenizer = HFTokenizer(model_dir)
-        eos = _eos_ids(model_dir, tokenizer)
+        eos = eos_token_ids(model_dir, tokenizer)
         log.info("loaded %s on %s as %s (%d CPU threads)", model_dir.name, device, dtype, threads)
         return cls(model, tokenizer, eos, config)
 
@@ -61,9 +60,7 @@ class NativeEngine(LoopEngine):
     def _validate(self, request: GenerationRequest) -> None:
         if request.adapter is not None:
             raise AdapterNotFoundError(f"adapter {request.adapter!r} not found; loaded adapters: none")
-        free_slots = max(0, self.config.max_num_seqs - len(self.scheduler.running))
-        if len(self.scheduler.waiting) >= free_slots + self.config.max_queue:
-            raise QueueFullError(f"queue is full ({self.config.max_queue} waiting requests); retry later")
+        self._check_queue(len(self.scheduler.running), len(self.scheduler.waiting), self.config)
 
     def _enqueue(self, state: RequestState) -> None:
         seq = Sequence(state.request, state.detok, state.generator, outputs=state.outputs)
@@ -104,18 +101,6 @@ class NativeEngine(LoopEngine):
         if isinstance(state, Sequence):
             self.scheduler.remove(state)
             self._seqs.pop(state.seq_id, None)
-
-
-def _eos_ids(model_dir: Path, tokenizer: HFTokenizer) -> frozenset[int]:
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    for name in ("config.json", "generation_config.json"):
-        path = model_dir / name
-        if path.is_file():
-            value = json.loads(path.read_text()).get("eos_token_id")
-            ids.update([value] if isinstance(value, int) else (value or []))
-    return frozenset(ids)
 
 
 @register_engine("native")

@@ -16,16 +16,21 @@ from ftserve.config import EngineConfig
 from ftserve.engine.base import LoopEngine, RequestState, Results
 from ftserve.engine.loader import HFTokenizer, eos_token_ids, load_model
 from ftserve.engine.protocol import EngineStats, register_engine
-from ftserve.engine.request import AdapterNotFoundError, GenerationRequest, QueueFullError
+from ftserve.engine.request import AdapterNotFoundError, GenerationRequest
 from ftserve.engine.sampler import sample_token
 
 
 class SimpleEngine(LoopEngine):
     def __init__(
-        self, model: torch.nn.Module, tokenizer: HFTokenizer, config: EngineConfig, device: torch.device
+        self,
+        model: torch.nn.Module,
+        tokenizer: HFTokenizer,
+        eos_ids: frozenset[int],
+        config: EngineConfig,
+        device: torch.device,
     ) -> None:
         context = int(getattr(model.config, "max_position_embeddings", 1 << 20))
-        super().__init__(tokenizer, eos_token_ids(model, tokenizer), min(config.max_model_len, context))
+        super().__init__(tokenizer, eos_ids, min(config.max_model_len, context))
         self.model = model
         self.config = config
         self.device = device
@@ -36,7 +41,8 @@ class SimpleEngine(LoopEngine):
     @classmethod
     def from_dir(cls, model_dir: Path, config: EngineConfig) -> SimpleEngine:
         model, device, _ = load_model(model_dir, config)
-        return cls(model, HFTokenizer(model_dir), config, device)
+        tokenizer = HFTokenizer(model_dir)
+        return cls(model, tokenizer, eos_token_ids(model_dir, tokenizer), config, device)
 
     def stats(self) -> EngineStats:
         return EngineStats(num_running=len(self._running), num_waiting=len(self._waiting))
@@ -44,10 +50,7 @@ class SimpleEngine(LoopEngine):
     def _validate(self, request: GenerationRequest) -> None:
         if request.adapter is not None:
             raise AdapterNotFoundError(f"adapter {request.adapter!r} not found; loaded adapters: none")
-        # Requests that fit in free running slots do not count against the waiting limit.
-        free_slots = max(0, self.config.max_num_seqs - len(self._running))
-        if len(self._waiting) >= free_slots + self.config.max_queue:
-            raise QueueFullError(f"queue is full ({self.config.max_queue} waiting requests); retry later")
+        self._check_queue(len(self._running), len(self._waiting), self.config)
 
     def _enqueue(self, state: RequestState) -> None:
         self._waiting.append(state)
