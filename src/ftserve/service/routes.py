@@ -11,11 +11,13 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from ftserve.service import errors
 from ftserve.service.protocol import ChatCompletionRequest, CompletionRequest
@@ -75,11 +77,31 @@ def _guarded(handler: Handler) -> Handler:
     return endpoint
 
 
+class EventStreamResponse(StreamingResponse):
+    """SSE that stops as soon as the client goes away.
+
+    Under ASGI spec 2.4 Starlette stops listening for ``http.disconnect`` and relies on ``send`` failing,
+    but uvicorn's ``send`` silently drops data for a closed connection: generation would run to the end.
+    So always watch ``receive`` and cancel the stream (which cancels the request in the engine).
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as group:
+
+            async def stream() -> None:
+                await self.stream_response(send)
+                group.cancel_scope.cancel()
+
+            group.start_soon(stream)
+            await self.listen_for_disconnect(receive)
+            group.cancel_scope.cancel()
+
+
 def _respond(result: dict[str, Any] | Any) -> Response:
     if isinstance(result, dict):
         return JSONResponse(result)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(result, media_type="text/event-stream", headers=headers)
+    return EventStreamResponse(result, media_type="text/event-stream", headers=headers)
 
 
 async def chat_completions(request: Request) -> Response:

@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
+
 from ftserve.config import ServiceConfig
 from ftserve.engine.protocol import Engine
 from ftserve.engine.request import (
@@ -215,7 +217,8 @@ class OpenAIServing:
                 yield out
                 out = None if out.finished else await anext(stream, None)
         finally:
-            await stream.aclose()
+            with anyio.CancelScope(shield=True):  # a cancelled caller must still cancel the engine request
+                await stream.aclose()
             self._record(job)
 
     def _record(self, job: _Job) -> None:
@@ -285,7 +288,10 @@ class OpenAIServing:
                     out = None if out.finished else await anext(outputs, None)
                 yield SSE_DONE
             finally:
-                await outputs.aclose()  # the client left or we are done: cancels generation if still running
+                # The client left or we are done: cancel generation if still running. Shielded, because
+                # the disconnect arrives as a cancellation that would otherwise cancel this await too.
+                with anyio.CancelScope(shield=True):
+                    await outputs.aclose()
 
         return frames()
 
