@@ -60,6 +60,8 @@ class EngineConfig(_Strict):
         None, ge=16, description="KV-cache capacity in tokens; default max_num_seqs * max_model_len."
     )
     enable_prefix_caching: bool = Field(True, description="Reuse the KV of shared prompt prefixes.")
+    max_loras: int = Field(8, ge=1, le=256, description="LoRA adapters resident for compute at once (slots).")
+    max_lora_rank: int = Field(32, ge=1, le=512, description="Largest LoRA rank an adapter may have.")
 
 
 class LimitsConfig(_Strict):

@@ -84,6 +84,9 @@ class FakeEngine:
 
     async def abort(self, request_id: str) -> None: ...
 
+    async def load_adapter(self, name: str, path: object) -> object:
+        raise AssertionError("no adapter should be loaded by these tests")
+
 
 def call(engine: FakeEngine, path: str, body: Any, raw: bytes | None = None) -> httpx.Response:
     app = build_app()

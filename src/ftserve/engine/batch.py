@@ -38,6 +38,8 @@ class LoraBatch:
 
     token_slots: torch.Tensor  # [T] long: adapter slot of each packed token
     active_slots: list[int]  # distinct non-zero slots present in the batch
+    rank: int  # largest rank among the batch's adapters (slots are zero-padded beyond it)
+    targets: frozenset[str]  # projections any of the batch's adapters changes
 
 
 @dataclass

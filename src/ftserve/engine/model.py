@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -111,6 +111,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+class LoraApplier(Protocol):
+    """Adds LoRA deltas to projection outputs in place (see ``engine/lora.py``)."""
+
+    def apply(
+        self, layer: int, targets: tuple[str, ...], x: torch.Tensor, fused: torch.Tensor, batch: ForwardBatch
+    ) -> None: ...
+
+
 class NativeLlama:
     """Weights in plain tensors; ``forward`` takes a :class:`ForwardBatch` and returns sampled-row logits."""
 
@@ -167,7 +175,7 @@ class NativeLlama:
     # -- forward ---------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, cache: KVCache, lora: Any = None) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, cache: KVCache, lora: LoraApplier | None = None) -> torch.Tensor:
         """Logits [S, vocab] (float32) for the rows in ``batch.logits_indices``; writes new KV into ``cache``."""
         s = self.shape
         h = self.embed[batch.input_ids]
@@ -179,7 +187,7 @@ class NativeLlama:
             x = _rms_norm(h, layer.input_norm, s.rms_norm_eps)
             qkv = F.linear(x, layer.qkv)
             if lora is not None:
-                lora.add_qkv(i, x, qkv, batch)
+                lora.apply(i, ("q_proj", "k_proj", "v_proj"), x, qkv, batch)
             q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
             q = q.view(-1, s.num_heads, s.head_dim)
             k = k.view(-1, s.num_kv_heads, s.head_dim)
@@ -191,17 +199,17 @@ class NativeLlama:
             attn = plan.attend(q, cache.k[i], cache.v[i]).reshape(-1, q_size)
             out = F.linear(attn, layer.o)
             if lora is not None:
-                lora.add(i, "o_proj", attn, out, batch)
+                lora.apply(i, ("o_proj",), attn, out, batch)
             h = h + out
             x = _rms_norm(h, layer.post_norm, s.rms_norm_eps)
             gate_up = F.linear(x, layer.gate_up)
             if lora is not None:
-                lora.add_gate_up(i, x, gate_up, batch)
+                lora.apply(i, ("gate_proj", "up_proj"), x, gate_up, batch)
             gate, up = gate_up.chunk(2, dim=-1)
             act = F.silu(gate) * up
             out = F.linear(act, layer.down)
             if lora is not None:
-                lora.add(i, "down_proj", act, out, batch)
+                lora.apply(i, ("down_proj",), act, out, batch)
             h = h + out
         last = _rms_norm(h[batch.logits_indices], self.final_norm, s.rms_norm_eps)
         return F.linear(last, self.lm_head).float()

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable
 from pathlib import Path
+
+import torch
 
 from ftserve.config import EngineConfig
 from ftserve.engine.base import LoopEngine, RequestState, Results
 from ftserve.engine.batch import SchedulerOutput
 from ftserve.engine.block_manager import BlockManager
 from ftserve.engine.loader import HFTokenizer, eos_token_ids, pick_device, pick_dtype, set_threads
+from ftserve.engine.lora import LoraAdapter, LoraManager, load_peft_adapter
 from ftserve.engine.model import KVCache, NativeLlama
 from ftserve.engine.protocol import EngineStats, register_engine
 from ftserve.engine.request import AdapterNotFoundError, GenerationRequest
@@ -31,7 +35,8 @@ class NativeEngine(LoopEngine):
         num_blocks = max(-(-capacity // config.block_size), -(-max_len // config.block_size))
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.cache = KVCache(model.shape, num_blocks, config.block_size, model.dtype, model.device)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, config.max_loras)
+        self.loras = LoraManager(model.shape, config.max_loras, config.max_lora_rank, model.device, model.dtype)
         self._seqs: dict[int, Sequence] = {}
         log.info(
             "native engine: %d KV blocks of %d tokens (%.0f MiB), prefix caching %s",
@@ -52,18 +57,37 @@ class NativeEngine(LoopEngine):
         log.info("loaded %s on %s as %s (%d CPU threads)", model_dir.name, device, dtype, threads)
         return cls(model, tokenizer, eos, config)
 
+    def adapters(self) -> list[str]:
+        return sorted(self.loras.registered)
+
+    async def load_adapter(self, name: str, path: Path) -> LoraAdapter:
+        """Load a PEFT adapter folder (already resolved inside the allowed folders) under ``name``.
+
+        Reading and checking run off the loop, so running requests keep decoding; the adapter reaches a
+        compute slot at the first step that needs it. A failed load changes nothing.
+        """
+        shape, max_rank = self.model.shape, self.config.max_lora_rank
+        adapter = await asyncio.to_thread(load_peft_adapter, name, path, shape, max_rank)
+        self.loras.register(adapter)
+        log.info("adapter %s loaded from %s (rank %d, version %s)", name, path, adapter.rank, adapter.version)
+        return adapter
+
     def stats(self) -> EngineStats:
         return EngineStats(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting))
 
     # -- LoopEngine hooks ------------------------------------------------------------------------------
 
     def _validate(self, request: GenerationRequest) -> None:
-        if request.adapter is not None:
-            raise AdapterNotFoundError(f"adapter {request.adapter!r} not found; loaded adapters: none")
+        if request.adapter is not None and request.adapter not in self.loras.registered:
+            raise AdapterNotFoundError(
+                f"adapter {request.adapter!r} not found; loaded adapters: {self.adapters() or 'none'}"
+            )
         self._check_queue(len(self.scheduler.running), len(self.scheduler.waiting), self.config)
 
     def _enqueue(self, state: RequestState) -> None:
         seq = Sequence(state.request, state.detok, state.generator, outputs=state.outputs)
+        if state.request.adapter is not None:
+            seq.namespace = self.loras.registered[state.request.adapter].namespace
         self._seqs[seq.seq_id] = seq
         self.scheduler.add(seq)
 
@@ -78,7 +102,17 @@ class NativeEngine(LoopEngine):
     def _execute(self, plan: SchedulerOutput) -> Results:
         batch, sampling = build_batch(plan, self._seqs, self.config.block_size, self.model.device)
         try:
-            logits = self.model.forward(batch, self.cache)
+            names = {a for c in plan.chunks if (a := self._seqs[c.seq_id].request.adapter) is not None}
+            if names:
+                slots = self.loras.acquire(names)
+                per_token = [
+                    slots.get(self._seqs[c.seq_id].request.adapter or "", 0)
+                    for c in plan.chunks
+                    for _ in range(c.num_tokens)
+                ]
+                token_slots = torch.tensor(per_token, dtype=torch.long, device=self.model.device)
+                batch.lora = self.loras.batch(token_slots, names)
+            logits = self.model.forward(batch, self.cache, self.loras if names else None)
         except Exception as exc:  # a broken step fails the requests in it, never the engine
             return [(self._seqs[c.seq_id], self.failed(self._seqs[c.seq_id], exc)) for c in plan.chunks]
         for chunk in plan.chunks:

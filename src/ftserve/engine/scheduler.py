@@ -36,8 +36,11 @@ class Sequence(RequestState):
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_loras: int = 1 << 30
+    ) -> None:
         self.blocks = blocks
+        self.max_loras = max_loras
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -68,8 +71,12 @@ class Scheduler:
                 continue
             out.chunks.append(self._chunk(seq, n))
             budget -= n
+        adapters = {s.request.adapter for s in self.running} - {None}
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            adapter = seq.request.adapter
+            if adapter is not None and adapter not in adapters and len(adapters) >= self.max_loras:
+                break  # every LoRA slot is taken by running requests: wait for one to free up
             alloc = self.blocks.allocate(seq.token_ids, seq.namespace)
             if alloc is None:
                 break  # keep arrival order: wait for blocks rather than let later requests overtake
@@ -78,6 +85,8 @@ class Scheduler:
             seq.num_computed = alloc.num_cached_tokens
             n = min(len(seq.token_ids) - seq.num_computed, budget)
             self.running.append(seq)
+            if adapter is not None:
+                adapters.add(adapter)
             out.chunks.append(self._chunk(seq, n))
             budget -= n
         return out

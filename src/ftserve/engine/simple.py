@@ -15,6 +15,7 @@ import torch
 from ftserve.config import EngineConfig
 from ftserve.engine.base import LoopEngine, RequestState, Results
 from ftserve.engine.loader import HFTokenizer, eos_token_ids, load_model
+from ftserve.engine.lora import AdapterError
 from ftserve.engine.protocol import EngineStats, register_engine
 from ftserve.engine.request import AdapterNotFoundError, GenerationRequest
 from ftserve.engine.sampler import sample_token
@@ -43,6 +44,9 @@ class SimpleEngine(LoopEngine):
         model, device, _ = load_model(model_dir, config)
         tokenizer = HFTokenizer(model_dir)
         return cls(model, tokenizer, eos_token_ids(model_dir, tokenizer), config, device)
+
+    async def load_adapter(self, name: str, path: Path) -> object:
+        raise AdapterError("the simple engine serves the base model only; use engine.backend: native")
 
     def stats(self) -> EngineStats:
         return EngineStats(num_running=len(self._running), num_waiting=len(self._waiting))

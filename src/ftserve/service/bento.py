@@ -49,6 +49,7 @@ class FTServe:
     @bentoml.on_startup
     async def start_engine(self) -> None:
         await self.engine.start()
+        await v1.state.serving.load_startup_adapters()
 
     @bentoml.on_shutdown
     async def stop_engine(self) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 
 from ftserve.config import ServiceConfig
+from ftserve.engine.lora import AdapterError, resolve_adapter_dir
 from ftserve.engine.protocol import Engine
 from ftserve.engine.request import (
     AdapterNotFoundError,
@@ -76,14 +77,31 @@ class OpenAIServing:
         cards += [model_card(name, "ftserve", parent=base) for name in self.engine.adapters()]
         return {"object": "list", "data": cards}
 
-    def resolve_adapter(self, model: str) -> str | None:
-        """The OpenAI ``model`` field: the base model's name, or an adapter's."""
+    async def resolve_adapter(self, model: str) -> str | None:
+        """The OpenAI ``model`` field: the base model's name, or an adapter's.
+
+        An adapter not loaded yet is loaded on first use when a folder of that name exists in the allowed
+        adapter folders (names with paths are refused; safetensors only).
+        """
         if model == self.config.base_name:
             return None
         if model in self.engine.adapters():
             return model
-        known = [self.config.base_name, *self.engine.adapters()]
-        raise errors.not_found(f"model {model!r} does not exist; available: {known}", param="model")
+        try:
+            path = resolve_adapter_dir(model, self.config.adapter_dirs)
+        except AdapterError:
+            known = [self.config.base_name, *self.engine.adapters()]
+            raise errors.not_found(f"model {model!r} does not exist; available: {known}", param="model") from None
+        try:
+            await self.engine.load_adapter(model, path)
+        except AdapterError as exc:
+            raise errors.bad_request(f"adapter {model!r} cannot be loaded: {exc}", param="model") from None
+        return model
+
+    async def load_startup_adapters(self) -> None:
+        """Load the adapters the deployment names; a bad one stops the start-up with its reason."""
+        for name in self.config.adapters:
+            await self.engine.load_adapter(name, resolve_adapter_dir(name, self.config.adapter_dirs))
 
     # -- validation ------------------------------------------------------------------------------------
 
@@ -139,7 +157,7 @@ class OpenAIServing:
             ignore_eos=req.ignore_eos,
         )
 
-    def _chat_job(self, req: ChatCompletionRequest) -> _Job:
+    async def _chat_job(self, req: ChatCompletionRequest) -> _Job:
         if req.logprobs or req.top_logprobs:
             raise errors.bad_request("logprobs are not supported", param="logprobs")
         if req.tools or req.tool_choice not in (None, "none"):
@@ -148,7 +166,7 @@ class OpenAIServing:
             raise errors.bad_request("only response_format type 'text' is supported", param="response_format")
         if req.max_tokens is not None and req.max_completion_tokens is not None:
             raise errors.bad_request("give max_tokens or max_completion_tokens, not both", param="max_tokens")
-        adapter = self.resolve_adapter(req.model)
+        adapter = await self.resolve_adapter(req.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         prompt_ids = self.engine.tokenizer.apply_chat_template(messages)
         max_tokens = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
@@ -156,7 +174,7 @@ class OpenAIServing:
             new_id("chatcmpl"), req.model, adapter, prompt_ids, self._sampling(req, max_tokens, len(prompt_ids))
         )
 
-    def _completion_job(self, req: CompletionRequest) -> _Job:
+    async def _completion_job(self, req: CompletionRequest) -> _Job:
         if req.echo:
             raise errors.bad_request("echo is not supported", param="echo")
         if req.logprobs is not None:
@@ -179,7 +197,7 @@ class OpenAIServing:
             prompt_ids = list(prompt)
         if not prompt_ids:
             raise errors.bad_request("prompt is empty", param="prompt")
-        adapter = self.resolve_adapter(req.model)
+        adapter = await self.resolve_adapter(req.model)
         return _Job(
             new_id("cmpl"), req.model, adapter, prompt_ids, self._sampling(req, req.max_tokens, len(prompt_ids))
         )
@@ -247,10 +265,10 @@ class OpenAIServing:
     # -- endpoints -------------------------------------------------------------------------------------
 
     async def chat(self, req: ChatCompletionRequest) -> dict[str, Any] | AsyncIterator[bytes]:
-        return await self._serve(self._chat_job(req), req, chat=True)
+        return await self._serve(await self._chat_job(req), req, chat=True)
 
     async def completion(self, req: CompletionRequest) -> dict[str, Any] | AsyncIterator[bytes]:
-        return await self._serve(self._completion_job(req), req, chat=False)
+        return await self._serve(await self._completion_job(req), req, chat=False)
 
     async def _serve(
         self, job: _Job, req: ChatCompletionRequest | CompletionRequest, chat: bool

@@ -1,0 +1,227 @@
+"""Multi-LoRA: PEFT adapters loaded by name, kept in compute slots with LRU eviction, applied batched.
+
+Every target projection keeps its adapters stacked: ``A[slot]`` is [in, R] and ``B[slot]`` is [R, out]
+with R the largest rank allowed (smaller ranks are zero-padded, and the LoRA scaling is folded into B);
+slot 0 is all zeros, the base model. One batch mixes rows of many adapters and base rows: each packed
+token carries its slot, and the delta ``x · A[slot] · B[slot]`` is computed for all tokens at once (a
+gather + two batched matmuls, the idea behind Punica's BGMV) or, for long prefills, once per adapter
+present (segments, as in SGMV). Adapters not in a slot stay in CPU memory; unregistered ones on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ftserve.engine.batch import ForwardBatch, LoraBatch
+from ftserve.engine.model import ModelShape
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+GATHER_MAX_TOKENS = 64  # up to this many packed tokens, gather per token; above, loop over adapters present
+
+
+class AdapterError(ValueError):
+    """An adapter cannot be loaded; the message says why. Nothing was changed."""
+
+
+def target_dims(shape: ModelShape) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each target projection."""
+    h, i = shape.hidden_size, shape.intermediate_size
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    return {
+        "q_proj": (h, q),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (q, h),
+        "gate_proj": (h, i),
+        "up_proj": (h, i),
+        "down_proj": (i, h),
+    }
+
+
+def resolve_adapter_dir(name: str, allowed: list[Path]) -> Path:
+    """The folder of adapter ``name`` inside one of the allowed folders; never a path outside them."""
+    if not NAME_PATTERN.match(name) or ".." in name:
+        raise AdapterError(f"invalid adapter name {name!r}: use letters, digits, '.', '_' or '-' (no paths)")
+    for root in allowed:
+        root = root.resolve()
+        candidate = (root / name).resolve()
+        if candidate.parent == root and candidate.is_dir():
+            return candidate
+    raise AdapterError(f"adapter {name!r} not found in the allowed folders {[str(p) for p in allowed]}")
+
+
+@dataclass
+class LoraAdapter:
+    name: str
+    path: Path
+    version: str  # content hash of the weights: a reload with new weights is a new version
+    rank: int
+    scaling: float
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (layer, target) -> (A [r,in], B [out,r])
+
+    @property
+    def namespace(self) -> str:
+        """Prefix-cache namespace: KV computed under this adapter version is only reused by it."""
+        return f"{self.name}@{self.version}"
+
+
+def load_peft_adapter(name: str, path: Path, shape: ModelShape, max_rank: int) -> LoraAdapter:
+    """Read and check a PEFT LoRA folder (safetensors only) against the base model's shapes."""
+    config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not weights_file.is_file():
+        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = f"; found {pickles}: pickle weights are refused, convert them to safetensors" if pickles else ""
+        raise AdapterError(f"adapter {name!r} has no adapter_model.safetensors{hint}")
+    if not config_file.is_file():
+        raise AdapterError(f"adapter {name!r} has no adapter_config.json")
+    cfg = json.loads(config_file.read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"adapter {name!r} is {cfg.get('peft_type')}, not LORA")
+    for unsupported in ("use_dora", "modules_to_save"):
+        if cfg.get(unsupported):
+            raise AdapterError(f"adapter {name!r} uses {unsupported}, which the native engine does not support")
+    rank = int(cfg["r"])
+    if rank > max_rank:
+        raise AdapterError(f"adapter {name!r} has rank {rank}; the engine allows up to {max_rank} (max_lora_rank)")
+    alpha = float(cfg.get("lora_alpha", rank))
+    scaling = alpha / (rank**0.5) if cfg.get("use_rslora") else alpha / rank
+    dims = target_dims(shape)
+    key = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    with safe_open(str(weights_file), framework="pt") as fh:
+        for k in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            m = key.search(k)
+            if m is None:
+                raise AdapterError(f"adapter {name!r} has a tensor the engine cannot place: {k}")
+            layer, target, ab = int(m.group(1)), m.group(2), m.group(3)
+            if target not in dims or layer >= shape.num_layers:
+                raise AdapterError(f"adapter {name!r} targets {target} of layer {layer}, absent from the base model")
+            parts.setdefault((layer, target), {})[ab] = fh.get_tensor(k).float()
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    for (layer, target), ab in parts.items():
+        a, b = ab.get("A"), ab.get("B")
+        fan_in, fan_out = dims[target]
+        if a is None or b is None or a.shape != (rank, fan_in) or b.shape != (fan_out, rank):
+            got = (None if a is None else tuple(a.shape), None if b is None else tuple(b.shape))
+            raise AdapterError(
+                f"adapter {name!r} {target} of layer {layer}: shapes {got} do not fit the base model "
+                f"(want A {(rank, fan_in)}, B {(fan_out, rank)})"
+            )
+        weights[(layer, target)] = (a, b)
+    if not weights:
+        raise AdapterError(f"adapter {name!r} holds no LoRA weights")
+    version = hashlib.sha256(weights_file.read_bytes()).hexdigest()[:16]
+    return LoraAdapter(name, path, version, rank, scaling, weights)
+
+
+class LoraManager:
+    """Registered adapters (CPU), a fixed number of compute slots (device), LRU eviction and pinning."""
+
+    def __init__(self, shape: ModelShape, max_loras: int, max_rank: int, device: torch.device, dtype: torch.dtype):
+        self.shape = shape
+        self.max_loras = max_loras
+        self.max_rank = max_rank
+        self.registered: dict[str, LoraAdapter] = {}
+        self.pinned: set[str] = set()
+        self._slot_of: OrderedDict[str, int] = OrderedDict()  # resident adapters, least recently used first
+        self._free_slots = list(range(max_loras, 0, -1))
+        self._a: dict[tuple[int, str], torch.Tensor] = {}
+        self._b: dict[tuple[int, str], torch.Tensor] = {}
+        for layer in range(shape.num_layers):
+            for target, (fan_in, fan_out) in target_dims(shape).items():
+                self._a[(layer, target)] = torch.zeros(max_loras + 1, fan_in, max_rank, device=device, dtype=dtype)
+                self._b[(layer, target)] = torch.zeros(max_loras + 1, max_rank, fan_out, device=device, dtype=dtype)
+
+    # -- registry --------------------------------------------------------------------------------------
+
+    def register(self, adapter: LoraAdapter) -> None:
+        old = self.registered.get(adapter.name)
+        if old is not None and adapter.name in self._slot_of:
+            self._evict(adapter.name)  # a new version must not be served from the old slot
+        self.registered[adapter.name] = adapter
+
+    def unregister(self, name: str) -> None:
+        if name in self._slot_of:
+            self._evict(name)
+        self.registered.pop(name, None)
+        self.pinned.discard(name)
+
+    def residency(self, name: str) -> str:
+        return "device" if name in self._slot_of else "cpu" if name in self.registered else "disk"
+
+    # -- compute slots ---------------------------------------------------------------------------------
+
+    def acquire(self, names: set[str]) -> dict[str, int]:
+        """Slots for every adapter of a batch, loading evicted ones (least recently used, unpinned first)."""
+        if len(names) > self.max_loras:
+            raise RuntimeError(f"a batch needs {len(names)} adapters but only {self.max_loras} slots exist")
+        for name in names:
+            if name in self._slot_of:
+                self._slot_of.move_to_end(name)
+                continue
+            if not self._free_slots:
+                victims = [n for n in self._slot_of if n not in names and n not in self.pinned]
+                victims = victims or [n for n in self._slot_of if n not in names]
+                self._evict(victims[0])
+            self._load_slot(self.registered[name], self._free_slots.pop())
+        return {name: self._slot_of[name] for name in names}
+
+    def _load_slot(self, adapter: LoraAdapter, slot: int) -> None:
+        for key in self._a:
+            self._a[key][slot].zero_()
+            self._b[key][slot].zero_()
+        for key, (a, b) in adapter.weights.items():
+            r = a.shape[0]
+            self._a[key][slot, :, :r] = a.t().to(self._a[key].dtype)
+            self._b[key][slot, :r, :] = (b.t() * adapter.scaling).to(self._b[key].dtype)
+        self._slot_of[adapter.name] = slot
+
+    def _evict(self, name: str) -> None:
+        self._free_slots.append(self._slot_of.pop(name))
+
+    # -- the delta, called from the model's forward ----------------------------------------------------
+
+    def batch(self, token_slots: torch.Tensor, names: set[str]) -> LoraBatch:
+        """The LoRA part of a forward batch: per-token slots, and what the adapters present need."""
+        adapters = [self.registered[n] for n in names]
+        targets = frozenset(t for a in adapters for (_, t) in a.weights)
+        active = sorted({self._slot_of[n] for n in names})
+        return LoraBatch(token_slots, active, max(a.rank for a in adapters), targets)
+
+    def add(self, layer: int, target: str, x: torch.Tensor, out: torch.Tensor, lora: LoraBatch) -> None:
+        """out[t] += x[t] · A[slot_t] · B[slot_t] for every packed token t (slot 0 adds nothing)."""
+        r = lora.rank  # ranks above the batch's largest are zero padding: skip them
+        a_all, b_all = self._a[(layer, target)][:, :, :r], self._b[(layer, target)][:, :r, :]
+        if x.shape[0] <= GATHER_MAX_TOKENS:
+            slots = lora.token_slots
+            xa = torch.bmm(x.unsqueeze(1), a_all[slots])  # [T, 1, r]
+            out += torch.bmm(xa, b_all[slots]).squeeze(1)
+            return
+        for slot in lora.active_slots:  # long prefills: one matmul pair per adapter present
+            rows = (lora.token_slots == slot).nonzero().squeeze(1)
+            out.index_add_(0, rows, (x[rows] @ a_all[slot]) @ b_all[slot])
+
+    def apply(self, layer: int, targets: tuple[str, ...], x: torch.Tensor, fused: torch.Tensor,
+              batch: ForwardBatch) -> None:  # fmt: skip
+        """Add each target's delta to its slice of a (possibly fused: qkv, gate_up) projection output."""
+        lora = batch.lora
+        if lora is None:
+            return
+        start = 0
+        for target in targets:
+            width = self._b[(layer, target)].shape[-1]
+            if target in lora.targets:
+                self.add(layer, target, x, fused[:, start : start + width], lora)
+            start += width
