@@ -40,6 +40,7 @@ class LoraBatch:
     active_slots: list[int]  # distinct non-zero slots present in the batch
     rank: int  # largest rank among the batch's adapters (slots are zero-padded beyond it)
     targets: frozenset[str]  # projections any of the batch's adapters changes
+    mask: torch.Tensor  # [T, S * rank]: 1 where a rank column belongs to the token's adapter (S = active slots)
 
 
 @dataclass

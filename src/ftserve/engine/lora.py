@@ -4,8 +4,8 @@ Every target projection keeps its adapters stacked: ``A[slot]`` is [in, R] and `
 with R the largest rank allowed (smaller ranks are zero-padded, and the LoRA scaling is folded into B);
 slot 0 is all zeros, the base model. One batch mixes rows of many adapters and base rows: each packed
 token carries its slot, and the delta ``x · A[slot] · B[slot]`` is computed for all tokens at once (a
-gather + two batched matmuls, the idea behind Punica's BGMV) or, for long prefills, once per adapter
-present (segments, as in SGMV). Adapters not in a slot stay in CPU memory; unregistered ones on disk.
+single pair of dense matmuls over the adapters present, masked per token: the batching idea of Punica's
+SGMV/BGMV kernels, expressed with plain matmuls). Adapters not in a slot stay in CPU memory.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-GATHER_MAX_TOKENS = 64  # up to this many packed tokens, gather per token; above, loop over adapters present
 
 
 class AdapterError(ValueError):
@@ -137,6 +136,10 @@ class LoraManager:
         self.pinned: set[str] = set()
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # resident adapters, least recently used first
         self._free_slots = list(range(max_loras, 0, -1))
+        self._dtype = dtype
+        self._generation = 0  # bumped whenever a slot's weights change: invalidates the concatenated cache
+        self._stack_key: tuple[object, ...] | None = None
+        self._stack: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self._a: dict[tuple[int, str], torch.Tensor] = {}
         self._b: dict[tuple[int, str], torch.Tensor] = {}
         for layer in range(shape.num_layers):
@@ -187,9 +190,11 @@ class LoraManager:
             self._a[key][slot, :, :r] = a.t().to(self._a[key].dtype)
             self._b[key][slot, :r, :] = (b.t() * adapter.scaling).to(self._b[key].dtype)
         self._slot_of[adapter.name] = slot
+        self._generation += 1
 
     def _evict(self, name: str) -> None:
         self._free_slots.append(self._slot_of.pop(name))
+        self._generation += 1
 
     # -- the delta, called from the model's forward ----------------------------------------------------
 
@@ -198,20 +203,34 @@ class LoraManager:
         adapters = [self.registered[n] for n in names]
         targets = frozenset(t for a in adapters for (_, t) in a.weights)
         active = sorted({self._slot_of[n] for n in names})
-        return LoraBatch(token_slots, active, max(a.rank for a in adapters), targets)
+        rank = max(a.rank for a in adapters)
+        # One-hot over the active slots, repeated per rank column: row t keeps only its adapter's columns.
+        onehot = (token_slots.unsqueeze(1) == torch.tensor(active, device=token_slots.device)).to(self._dtype)
+        return LoraBatch(token_slots, active, rank, targets, onehot.repeat_interleave(rank, dim=1))
 
     def add(self, layer: int, target: str, x: torch.Tensor, out: torch.Tensor, lora: LoraBatch) -> None:
-        """out[t] += x[t] · A[slot_t] · B[slot_t] for every packed token t (slot 0 adds nothing)."""
-        r = lora.rank  # ranks above the batch's largest are zero padding: skip them
-        a_all, b_all = self._a[(layer, target)][:, :, :r], self._b[(layer, target)][:, :r, :]
-        if x.shape[0] <= GATHER_MAX_TOKENS:
-            slots = lora.token_slots
-            xa = torch.bmm(x.unsqueeze(1), a_all[slots])  # [T, 1, r]
-            out += torch.bmm(xa, b_all[slots]).squeeze(1)
-            return
-        for slot in lora.active_slots:  # long prefills: one matmul pair per adapter present
-            rows = (lora.token_slots == slot).nonzero().squeeze(1)
-            out.index_add_(0, rows, (x[rows] @ a_all[slot]) @ b_all[slot])
+        """out[t] += x[t] · A[slot_t] · B[slot_t] for every packed token t (base rows add nothing).
+
+        The adapters of the batch are concatenated along the rank dimension (S adapters x r columns), so
+        the delta is two dense matmuls with a mask in between: ``((x · A_cat) * mask) · B_cat``, where
+        the mask keeps, for each token, only the columns of its own adapter. No per-token gathers of
+        weights, and the concatenated weights are reused for as long as the set of adapters is unchanged.
+        """
+        a_cat, b_cat = self._stacked(layer, target, lora)
+        out += torch.mm(torch.mm(x, a_cat) * lora.mask, b_cat)
+
+    def _stacked(self, layer: int, target: str, lora: LoraBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (tuple(lora.active_slots), lora.rank, self._generation)
+        if self._stack_key != key:
+            self._stack_key, self._stack = key, {}
+        cached = self._stack.get((layer, target))
+        if cached is None:
+            slots, r = lora.active_slots, lora.rank
+            a = self._a[(layer, target)][slots, :, :r]  # [S, in, r]
+            b = self._b[(layer, target)][slots, :r, :]  # [S, r, out]
+            cached = (a.permute(1, 0, 2).reshape(a.shape[1], -1).contiguous(), b.reshape(-1, b.shape[-1]).contiguous())
+            self._stack[(layer, target)] = cached
+        return cached
 
     def apply(self, layer: int, targets: tuple[str, ...], x: torch.Tensor, fused: torch.Tensor,
               batch: ForwardBatch) -> None:  # fmt: skip
