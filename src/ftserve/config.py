@@ -62,6 +62,9 @@ class EngineConfig(_Strict):
     enable_prefix_caching: bool = Field(True, description="Reuse the KV of shared prompt prefixes.")
     max_loras: int = Field(8, ge=1, le=256, description="LoRA adapters resident for compute at once (slots).")
     max_lora_rank: int = Field(32, ge=1, le=512, description="Largest LoRA rank an adapter may have.")
+    max_cpu_loras: int = Field(
+        64, ge=1, description="Adapters whose weights stay in CPU memory; older idle ones are reloaded from disk."
+    )
 
 
 class LimitsConfig(_Strict):
@@ -72,6 +75,9 @@ class LimitsConfig(_Strict):
     max_stop_sequences: int = Field(4, ge=0, le=64, description="Most stop strings per request.")
     max_stop_length: int = Field(64, ge=1, description="Longest stop string, in characters.")
     max_request_bytes: int = Field(1 << 20, ge=1024, description="Largest request body.")
+    request_timeout_s: float | None = Field(
+        600.0, gt=0, description="A request still generating after this long is aborted (504); None = no limit."
+    )
 
 
 class SamplingDefaults(_Strict):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from ftserve.config import EngineConfig
-from ftserve.engine.base import LoopEngine
+from ftserve.engine.base import DEADLINE_EXCEEDED, LoopEngine
 from ftserve.engine.loader import HFTokenizer, eos_token_ids
 from ftserve.engine.native import NativeEngine
 from ftserve.engine.protocol import EngineStats
@@ -223,3 +224,13 @@ def test_unknown_adapter_and_overlong_prompt_are_refused(engine: LoopEngine) -> 
             await anext(engine.generate(GenerationRequest("b", too_long, params)))
 
     run(engine, body)
+
+
+def test_request_past_its_deadline_is_aborted_and_freed(engine: LoopEngine) -> None:
+    ids = chat_ids(engine, PROMPTS[0])
+    past = time.monotonic() - 1.0
+    req = GenerationRequest("late", ids, SamplingParams(max_tokens=50, temperature=0), deadline=past)
+    outputs = run(engine, lambda: collect(engine, req))
+    assert outputs[-1].finish_reason == FinishReason.ABORT
+    assert outputs[-1].error == DEADLINE_EXCEEDED
+    assert engine.stats() == EngineStats(num_running=0, num_waiting=0)

@@ -139,3 +139,52 @@ def test_adapter_for_another_base_is_refused(tmp_path: Path, adapter_root: Path,
     other = replace(native_model.shape, hidden_size=native_model.shape.hidden_size * 2)
     with pytest.raises(AdapterError, match="do not fit the base model"):
         load_peft_adapter("lora-a", adapter_root / "lora-a", other, max_rank=64)
+
+
+def test_idle_adapters_offload_to_disk_and_reload_on_use(
+    model_dir: Path, native_model: NativeLlama, adapter_root: Path
+) -> None:
+    prompt = HFTokenizer(model_dir).apply_chat_template([{"role": "user", "content": "Where is my parcel?"}])
+    req = GenerationRequest("a", prompt, SamplingParams(max_tokens=6, temperature=0), "lora-a")
+    roomy = build(model_dir, native_model)
+    want = [t for o in run(roomy, adapter_root, [req])[0] for t in o.token_ids]
+
+    tight = build(model_dir, native_model, max_cpu_loras=1)
+    results = run(tight, adapter_root, [])  # loads lora-a, lora-b, lora-c in that order
+    assert results == []
+    assert [tight.loras.residency(n) for n in NAMES] == ["disk", "disk", "cpu"]
+    got = [t for o in run(tight, adapter_root, [req])[0] for t in o.token_ids]
+    assert got == want
+    assert tight.loras.residency("lora-a") == "device"
+
+
+def test_pinned_adapter_keeps_its_slot(model_dir: Path, native_model: NativeLlama, adapter_root: Path) -> None:
+    engine = build(model_dir, native_model, max_loras=2)
+    prompt = HFTokenizer(model_dir).apply_chat_template([{"role": "user", "content": "Hi"}])
+
+    def ask(adapter: str) -> GenerationRequest:
+        return GenerationRequest(adapter, prompt, SamplingParams(max_tokens=2, temperature=0), adapter)
+
+    run(engine, adapter_root, [ask("lora-a"), ask("lora-b")])
+    engine.loras.pin("lora-a")
+    engine.loras.acquire({"lora-b"})  # lora-b most recently used: lora-a would be the LRU victim if not pinned
+    run(engine, adapter_root, [ask("lora-c")])
+    assert engine.loras.residency("lora-a") == "device"
+    assert engine.loras.residency("lora-b") == "cpu"
+
+
+def test_reloading_changed_weights_is_a_new_version(
+    model_dir: Path, native_model: NativeLlama, adapter_root: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "lora-a"
+    shutil.copytree(adapter_root / "lora-a", folder)
+    engine = build(model_dir, native_model)
+    first = asyncio.run(engine.load_adapter("lora-a", folder))
+    engine.loras.acquire({"lora-a"})
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    save_file(
+        {k: v * 2 if ".lora_B." in k else v for k, v in weights.items()}, str(folder / "adapter_model.safetensors")
+    )
+    second = asyncio.run(engine.load_adapter("lora-a", folder))
+    assert second.version != first.version and second.namespace != first.namespace
+    assert engine.loras.residency("lora-a") == "cpu"  # the old weights left their slot

@@ -12,6 +12,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from ftserve.config import ServiceConfig
+from ftserve.engine.base import DEADLINE_EXCEEDED
 from ftserve.engine.protocol import EngineStats
 from ftserve.engine.request import (
     FinishReason,
@@ -229,3 +230,8 @@ def test_deployment_sampling_defaults_fill_omitted_fields() -> None:
     omitted, given = (r.params for r in engine.requests)
     assert (omitted.temperature, omitted.top_p, omitted.top_k) == (0.0, 0.5, 3)
     assert (given.temperature, given.top_p, given.top_k) == (0.7, 1.0, 9)
+
+
+def test_deadline_exceeded_is_a_504() -> None:
+    engine = FakeEngine(words("x", finish=FinishReason.ABORT, error=DEADLINE_EXCEEDED))
+    assert_error(call(engine, "/chat/completions", chat()), 504, "deadline")

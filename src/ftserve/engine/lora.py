@@ -69,6 +69,12 @@ class LoraAdapter:
     rank: int
     scaling: float
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (layer, target) -> (A [r,in], B [out,r])
+    targets: frozenset[str] = frozenset()  # projections it changes
+
+    @property
+    def offloaded(self) -> bool:
+        """Weights dropped from CPU memory (kept on disk at ``path``); reloaded on next use."""
+        return not self.weights
 
     @property
     def namespace(self) -> str:
@@ -122,18 +128,29 @@ def load_peft_adapter(name: str, path: Path, shape: ModelShape, max_rank: int) -
     if not weights:
         raise AdapterError(f"adapter {name!r} holds no LoRA weights")
     version = hashlib.sha256(weights_file.read_bytes()).hexdigest()[:16]
-    return LoraAdapter(name, path, version, rank, scaling, weights)
+    targets = frozenset(t for (_, t) in weights)
+    return LoraAdapter(name, path, version, rank, scaling, weights, targets)
 
 
 class LoraManager:
     """Registered adapters (CPU), a fixed number of compute slots (device), LRU eviction and pinning."""
 
-    def __init__(self, shape: ModelShape, max_loras: int, max_rank: int, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        shape: ModelShape,
+        max_loras: int,
+        max_rank: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_cpu_loras: int = 64,
+    ):
         self.shape = shape
+        self.max_cpu_loras = max_cpu_loras
         self.max_loras = max_loras
         self.max_rank = max_rank
         self.registered: dict[str, LoraAdapter] = {}
-        self.pinned: set[str] = set()
+        self.pinned: set[str] = set()  # never evicted from a slot while an unpinned one can go instead
+        self._recent: OrderedDict[str, None] = OrderedDict()  # registered names, least recently used first
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # resident adapters, least recently used first
         self._free_slots = list(range(max_loras, 0, -1))
         self._dtype = dtype
@@ -151,18 +168,39 @@ class LoraManager:
 
     def register(self, adapter: LoraAdapter) -> None:
         old = self.registered.get(adapter.name)
-        if old is not None and adapter.name in self._slot_of:
+        if old is not None and old.version != adapter.version and adapter.name in self._slot_of:
             self._evict(adapter.name)  # a new version must not be served from the old slot
         self.registered[adapter.name] = adapter
+        self._use(adapter.name)
 
     def unregister(self, name: str) -> None:
         if name in self._slot_of:
             self._evict(name)
         self.registered.pop(name, None)
+        self._recent.pop(name, None)
         self.pinned.discard(name)
 
+    def pin(self, name: str, pinned: bool = True) -> None:
+        if name not in self.registered:
+            raise KeyError(name)
+        (self.pinned.add if pinned else self.pinned.discard)(name)
+
     def residency(self, name: str) -> str:
-        return "device" if name in self._slot_of else "cpu" if name in self.registered else "disk"
+        """device (in a compute slot), cpu (weights in memory), or disk (weights reloaded on next use)."""
+        if name in self._slot_of:
+            return "device"
+        adapter = self.registered.get(name)
+        return "cpu" if adapter is not None and not adapter.offloaded else "disk"
+
+    def _use(self, name: str) -> None:
+        """Mark as recently used; drop the CPU weights of the least recently used idle adapters past the cap."""
+        self._recent[name] = None
+        self._recent.move_to_end(name)
+        in_memory = [n for n in self._recent if not self.registered[n].offloaded]
+        for victim in in_memory[: max(0, len(in_memory) - self.max_cpu_loras)]:
+            if victim not in self._slot_of and victim not in self.pinned and victim != name:
+                self.registered[victim].weights = {}
+                log.info("adapter %s offloaded to disk (%s)", victim, self.registered[victim].path)
 
     # -- compute slots ---------------------------------------------------------------------------------
 
@@ -178,7 +216,13 @@ class LoraManager:
                 victims = [n for n in self._slot_of if n not in names and n not in self.pinned]
                 victims = victims or [n for n in self._slot_of if n not in names]
                 self._evict(victims[0])
-            self._load_slot(self.registered[name], self._free_slots.pop())
+            adapter = self.registered[name]
+            if adapter.offloaded:  # normally reloaded before the request is queued; this is the fallback
+                adapter = load_peft_adapter(name, adapter.path, self.shape, self.max_rank)
+                self.registered[name] = adapter
+            self._load_slot(adapter, self._free_slots.pop())
+        for name in names:
+            self._use(name)
         return {name: self._slot_of[name] for name in names}
 
     def _load_slot(self, adapter: LoraAdapter, slot: int) -> None:
@@ -201,7 +245,7 @@ class LoraManager:
     def batch(self, token_slots: torch.Tensor, names: set[str]) -> LoraBatch:
         """The LoRA part of a forward batch: per-token slots, and what the adapters present need."""
         adapters = [self.registered[n] for n in names]
-        targets = frozenset(t for a in adapters for (_, t) in a.weights)
+        targets = frozenset(t for a in adapters for t in a.targets)
         active = sorted({self._slot_of[n] for n in names})
         rank = max(a.rank for a in adapters)
         # One-hot over the active slots, repeated per rank column: row t keeps only its adapter's columns.

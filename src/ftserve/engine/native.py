@@ -36,7 +36,9 @@ class NativeEngine(LoopEngine):
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.cache = KVCache(model.shape, num_blocks, config.block_size, model.dtype, model.device)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, config.max_loras)
-        self.loras = LoraManager(model.shape, config.max_loras, config.max_lora_rank, model.device, model.dtype)
+        self.loras = LoraManager(
+            model.shape, config.max_loras, config.max_lora_rank, model.device, model.dtype, config.max_cpu_loras
+        )
         self._seqs: dict[int, Sequence] = {}
         log.info(
             "native engine: %d KV blocks of %d tokens (%.0f MiB), prefix caching %s",
@@ -71,6 +73,12 @@ class NativeEngine(LoopEngine):
         self.loras.register(adapter)
         log.info("adapter %s loaded from %s (rank %d, version %s)", name, path, adapter.rank, adapter.version)
         return adapter
+
+    async def _prepare(self, request: GenerationRequest) -> None:
+        """Bring an adapter whose weights were offloaded back into memory without stalling the loop."""
+        adapter = self.loras.registered.get(request.adapter or "")
+        if adapter is not None and adapter.offloaded:
+            await self.load_adapter(adapter.name, adapter.path)
 
     def stats(self) -> EngineStats:
         return EngineStats(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting))

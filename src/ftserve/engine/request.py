@@ -59,6 +59,7 @@ class GenerationRequest:
     params: SamplingParams
     adapter: str | None = None  # None: the base model
     arrival_time: float = field(default_factory=time.monotonic)
+    deadline: float | None = None  # time.monotonic() past which the request is aborted and its KV freed
 
 
 @dataclass

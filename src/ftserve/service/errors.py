@@ -40,6 +40,10 @@ def unavailable(message: str) -> APIError:
     return APIError(503, message, "service_unavailable", None, "not_ready")
 
 
+def timeout(message: str) -> APIError:
+    return APIError(504, message, "timeout_error", None, "deadline_exceeded")
+
+
 def internal(message: str = "internal error; see the server log") -> APIError:
     return APIError(500, message, "server_error", None, "internal_error")
 

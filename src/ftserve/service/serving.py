@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 
 from ftserve.config import ServiceConfig
+from ftserve.engine.base import DEADLINE_EXCEEDED
 from ftserve.engine.lora import AdapterError, resolve_adapter_dir
 from ftserve.engine.protocol import Engine
 from ftserve.engine.request import (
@@ -206,7 +207,11 @@ class OpenAIServing:
 
     async def _start(self, job: _Job) -> tuple[GenerationOutput, AsyncIterator[GenerationOutput]]:
         """Submit and wait for the first output, so submission errors still become HTTP statuses."""
-        stream = self.engine.generate(GenerationRequest(job.rid, job.prompt_ids, job.params, job.adapter))
+        timeout = self.config.limits.request_timeout_s
+        deadline = None if timeout is None else job.started + timeout
+        stream = self.engine.generate(
+            GenerationRequest(job.rid, job.prompt_ids, job.params, job.adapter, deadline=deadline)
+        )
         try:
             first = await anext(stream)
         except QueueFullError as exc:
@@ -258,9 +263,14 @@ class OpenAIServing:
             parts.append(out.text)
             last = out
         if last is None or last.finish_reason is None or last.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
-            detail = last.error if last is not None and last.error else "generation was aborted"
-            raise errors.internal(f"generation failed: {detail}")
+            raise self._failure(last)
         return "".join(parts), last.finish_reason, Usage.of(len(job.prompt_ids), last.num_generated_tokens)
+
+    def _failure(self, last: GenerationOutput | None) -> errors.APIError:
+        if last is not None and last.error == DEADLINE_EXCEEDED:
+            return errors.timeout(f"the request ran past its {self.config.limits.request_timeout_s:g} s deadline")
+        detail = last.error if last is not None and last.error else "generation was aborted"
+        return errors.internal(f"generation failed: {detail}")
 
     # -- endpoints -------------------------------------------------------------------------------------
 
@@ -296,7 +306,7 @@ class OpenAIServing:
                 out: GenerationOutput | None = first
                 while out is not None:
                     if out.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
-                        yield sse(errors.internal(f"generation failed: {out.error or 'aborted'}").body())
+                        yield sse(self._failure(out).body())
                         break
                     if out.text or out.finished:
                         finish = _openai_finish(out.finish_reason) if out.finished else None
