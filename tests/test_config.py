@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ftserve.config import (
     DEFAULT_SERVICE_FILE,
@@ -198,7 +199,10 @@ def test_shipped_default_file_validates() -> None:
     cfg = load_service_config(SHIPPED_DEFAULT)
 
     assert isinstance(cfg, ServiceConfig)
-    assert cfg.engine.backend == "simple"
+    # The file's values, not the model defaults, are what a deployment gets.
+    raw = yaml.safe_load(SHIPPED_DEFAULT.read_text())
+    assert cfg.engine.backend == raw["engine"]["backend"]
+    assert cfg.engine.max_num_seqs == raw["engine"]["max_num_seqs"]
 
 
 def test_default_file_is_used_when_no_path_or_variable_is_given() -> None:

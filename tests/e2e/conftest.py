@@ -14,8 +14,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ftserve.bench.adapters import make_random_adapters
+
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 240
+
+
+ADAPTER = "e2e-lora"
 
 
 @dataclass(frozen=True)
@@ -23,6 +28,7 @@ class Server:
     url: str
     log: Path
     model: str = "smollm2-135m-instruct"
+    adapter: str = ADAPTER
 
 
 def free_port() -> int:
@@ -47,7 +53,9 @@ def wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def server(model_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(model_home: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    adapters = tmp_path_factory.mktemp("adapters")
+    make_random_adapters(model_dir, adapters, [ADAPTER], seed=11)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("serve") / "bentoml.log"
@@ -63,6 +71,7 @@ def server(model_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         str(bentoml), "serve", ".", "--host", "127.0.0.1", "--port", str(port),
         # A small context window makes the "prompt too long" case cheap to build.
         "--arg", "engine.max_model_len=512", "--arg", "engine.max_num_seqs=4",
+        "--arg", f"adapter_dirs=[{adapters}]",
     ]  # fmt: skip
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)

@@ -163,3 +163,13 @@ def test_failing_requests_do_not_break_a_concurrent_one(client: openai.OpenAI, s
     text, statuses = asyncio.run(together())
     assert statuses == [400, 400, 404, 400]
     assert text == alone
+
+
+def test_adapter_is_listed_and_served_by_name(client: openai.OpenAI, server: Server) -> None:
+    assert server.adapter in [m.id for m in client.models.list().data]
+    res = client.chat.completions.create(model=server.adapter, messages=QUESTION, temperature=0, max_tokens=8)
+    assert res.choices[0].message.content and res.model == server.adapter
+    missing = post(server, {"model": "no-such-adapter", "messages": QUESTION})
+    assert server.adapter in error_of(missing, 404)["message"]
+    traversal = post(server, {"model": "../adapters", "messages": QUESTION})
+    assert error_of(traversal, 404)["param"] == "model"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -235,3 +236,11 @@ def test_deployment_sampling_defaults_fill_omitted_fields() -> None:
 def test_deadline_exceeded_is_a_504() -> None:
     engine = FakeEngine(words("x", finish=FinishReason.ABORT, error=DEADLINE_EXCEEDED))
     assert_error(call(engine, "/chat/completions", chat()), 504, "deadline")
+
+
+def test_models_lists_adapters_found_in_the_allowed_folders(tmp_path: Path) -> None:
+    (tmp_path / "support-router").mkdir()
+    (tmp_path / "support-router" / "adapter_config.json").write_text("{}")
+    (tmp_path / "not-an-adapter").mkdir()
+    serving = OpenAIServing(FakeEngine(), ServiceConfig(served_model_name=BASE, adapter_dirs=[tmp_path]))
+    assert [card["id"] for card in serving.list_models()["data"]] == [BASE, "support-router"]

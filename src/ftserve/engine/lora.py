@@ -61,6 +61,18 @@ def resolve_adapter_dir(name: str, allowed: list[Path]) -> Path:
     raise AdapterError(f"adapter {name!r} not found in the allowed folders {[str(p) for p in allowed]}")
 
 
+def discover_adapters(allowed: list[Path]) -> list[str]:
+    """Names of the adapter folders (with an adapter_config.json) directly inside the allowed folders."""
+    names = {
+        p.name
+        for root in allowed
+        if root.is_dir()
+        for p in root.iterdir()
+        if (p / "adapter_config.json").is_file() and NAME_PATTERN.match(p.name)
+    }
+    return sorted(names)
+
+
 @dataclass
 class LoraAdapter:
     name: str

@@ -17,7 +17,7 @@ import anyio
 
 from ftserve.config import ServiceConfig
 from ftserve.engine.base import DEADLINE_EXCEEDED
-from ftserve.engine.lora import AdapterError, resolve_adapter_dir
+from ftserve.engine.lora import AdapterError, discover_adapters, resolve_adapter_dir
 from ftserve.engine.protocol import Engine
 from ftserve.engine.request import (
     AdapterNotFoundError,
@@ -75,7 +75,9 @@ class OpenAIServing:
     def list_models(self) -> dict[str, Any]:
         base = self.config.base_name
         cards = [model_card(base, "ftserve")]
-        cards += [model_card(name, "ftserve", parent=base) for name in self.engine.adapters()]
+        # Loaded adapters, and those in the allowed folders that load on first use.
+        names = sorted(set(self.engine.adapters()) | set(discover_adapters(self.config.adapter_dirs)))
+        cards += [model_card(name, "ftserve", parent=base) for name in names]
         return {"object": "list", "data": cards}
 
     async def resolve_adapter(self, model: str) -> str | None:
