@@ -57,12 +57,16 @@ class HFTokenizer:
         return str(self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens))
 
 
+def prepare_runtime(config: EngineConfig) -> tuple[torch.device, torch.dtype, int]:
+    """Device, dtype and CPU threads for an engine, chosen once from its config."""
+    device = pick_device(config.device)
+    return device, pick_dtype(config.dtype, device), set_threads(config.num_threads)
+
+
 def load_model(model_dir: Path, config: EngineConfig) -> tuple[torch.nn.Module, torch.device, torch.dtype]:
     from transformers import AutoModelForCausalLM
 
-    device = pick_device(config.device)
-    dtype = pick_dtype(config.dtype, device)
-    threads = set_threads(config.num_threads)
+    device, dtype, threads = prepare_runtime(config)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
     log.info("loaded %s on %s as %s (%d CPU threads)", model_dir.name, device, dtype, threads)
     return model, device, dtype

@@ -13,7 +13,7 @@ from ftserve.config import EngineConfig
 from ftserve.engine.base import LoopEngine, RequestState, Results
 from ftserve.engine.batch import SchedulerOutput
 from ftserve.engine.block_manager import BlockManager
-from ftserve.engine.loader import HFTokenizer, eos_token_ids, pick_device, pick_dtype, set_threads
+from ftserve.engine.loader import HFTokenizer, eos_token_ids, prepare_runtime
 from ftserve.engine.lora import LoraAdapter, LoraManager, load_peft_adapter
 from ftserve.engine.model import KVCache, NativeLlama
 from ftserve.engine.protocol import EngineStats, register_engine
@@ -50,9 +50,7 @@ class NativeEngine(LoopEngine):
 
     @classmethod
     def from_dir(cls, model_dir: Path, config: EngineConfig) -> NativeEngine:
-        device = pick_device(config.device)
-        dtype = pick_dtype(config.dtype, device)
-        threads = set_threads(config.num_threads)
+        device, dtype, threads = prepare_runtime(config)
         model = NativeLlama.from_dir(model_dir, device, dtype)
         tokenizer = HFTokenizer(model_dir)
         eos = eos_token_ids(model_dir, tokenizer)
