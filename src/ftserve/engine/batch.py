@@ -34,9 +34,8 @@ class SchedulerOutput:
 
 @dataclass
 class LoraBatch:
-    """Which adapter slot each packed token uses (slot 0 = no adapter) for the batched LoRA delta."""
+    """What the batched LoRA delta needs: the adapters present and, per packed token, which one it uses."""
 
-    token_slots: torch.Tensor  # [T] long: adapter slot of each packed token
     active_slots: list[int]  # distinct non-zero slots present in the batch
     rank: int  # largest rank among the batch's adapters (slots are zero-padded beyond it)
     targets: frozenset[str]  # projections any of the batch's adapters changes

@@ -262,7 +262,7 @@ class LoraManager:
         rank = max(a.rank for a in adapters)
         # One-hot over the active slots, repeated per rank column: row t keeps only its adapter's columns.
         onehot = (token_slots.unsqueeze(1) == torch.tensor(active, device=token_slots.device)).to(self._dtype)
-        return LoraBatch(token_slots, active, rank, targets, onehot.repeat_interleave(rank, dim=1))
+        return LoraBatch(active, rank, targets, onehot.repeat_interleave(rank, dim=1))
 
     def add(self, layer: int, target: str, x: torch.Tensor, out: torch.Tensor, lora: LoraBatch) -> None:
         """out[t] += x[t] · A[slot_t] · B[slot_t] for every packed token t (base rows add nothing).
