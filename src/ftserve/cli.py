@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from ftserve.bench.workloads import EngineBenchConfig
 from ftserve.config import DEFAULT_MODEL, ConfigError, StoreConfig, load_service_config
 from ftserve.models import BUNDLED, ModelStore, ModelStoreError
+from ftserve.train.formats import DataError
 
 log = logging.getLogger("ftserve")
 
@@ -97,6 +98,48 @@ def cmd_bench_engine(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_generate(ns: argparse.Namespace) -> int:
+    from ftserve.train.formats import write_jsonl
+    from ftserve.train.tasks import get_task
+
+    try:
+        task = get_task(ns.task)
+    except KeyError as exc:
+        raise ConfigError(exc.args[0]) from None
+    items = task.preferences(ns.n, ns.seed) if ns.preferences else task.generate(ns.n, ns.seed)
+    digest = write_jsonl(ns.out, items)
+    log.info("wrote %d %s records to %s (sha256 %s)", len(items), ns.task, ns.out, digest[:16])
+    return 0
+
+
+def cmd_data_check(ns: argparse.Namespace) -> int:
+    from ftserve.train.filters import apply_filters
+    from ftserve.train.formats import load_jsonl, write_jsonl
+    from ftserve.train.settings import FilterConfig
+
+    try:
+        config = options_to(FilterConfig, ns)
+    except ValidationError as exc:
+        raise ConfigError(f"data check: {exc}") from exc
+    kept, report = apply_filters(load_jsonl(ns.file), config)
+    print(json.dumps({"file": str(ns.file), **report.to_json()}, indent=2))
+    if ns.out:
+        write_jsonl(ns.out, kept)
+        log.info("wrote %d filtered records to %s", len(kept), ns.out)
+    return 0 if kept else 1
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from ftserve.train.pipeline import run_training
+    from ftserve.train.settings import load_train_config
+
+    overrides = dict(item.split("=", 1) for item in ns.set or [])
+    config = load_train_config(ns.config, overrides)
+    card = run_training(config, _store(ns), resume=ns.resume)
+    print(json.dumps(card["metrics"], indent=2))
+    return 0
+
+
 def cmd_config_show(ns: argparse.Namespace) -> int:
     overrides = dict(item.split("=", 1) for item in ns.set or [])
     config = load_service_config(ns.file, overrides)
@@ -130,12 +173,38 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(engine, StoreConfig)
     engine.set_defaults(func=cmd_bench_engine)
 
+    _add_data_commands(groups)
+    train = groups.add_parser("train", help="train one LoRA adapter (SFT or DPO) from adapters/<name>.yaml")
+    train.add_argument("config", type=Path, help="training config, e.g. adapters/support-router.yaml")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this run")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. optim.max_steps=10")
+    add_model_options(train, StoreConfig)
+    train.set_defaults(func=cmd_train)
+
     config = groups.add_parser("config", help="deployment settings").add_subparsers(dest="action", required=True)
     show = config.add_parser("show", help="print the resolved service settings")
     show.add_argument("file", nargs="?", default=None, help="deployment file (default bentos/default.yaml)")
     show.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. engine.dtype=float32")
     show.set_defaults(func=cmd_config_show)
     return parser
+
+
+def _add_data_commands(groups: Any) -> None:
+    from ftserve.train.settings import FilterConfig
+
+    data = groups.add_parser("data", help="training data").add_subparsers(dest="action", required=True)
+    gen = data.add_parser("generate", help="write a task's generated examples (or preference pairs) as JSONL")
+    gen.add_argument("task", help="task name: support-router or order-extract")
+    gen.add_argument("--n", type=int, default=2000, help="records to write (default: 2000)")
+    gen.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
+    gen.add_argument("--preferences", action="store_true", help="write (prompt, chosen, rejected) pairs")
+    gen.add_argument("--out", type=Path, required=True, help="JSONL file to write")
+    gen.set_defaults(func=cmd_data_generate)
+    check = data.add_parser("check", help="validate a JSONL file and report what the quality filters drop")
+    check.add_argument("file", type=Path, help="JSONL in Alpaca, chat or preference form")
+    check.add_argument("--out", type=Path, default=None, help="also write the filtered records here")
+    add_model_options(check, FilterConfig)
+    check.set_defaults(func=cmd_data_check)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -145,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(ns.func(ns))
-    except (ModelStoreError, ConfigError) as exc:
+    except (ModelStoreError, ConfigError, DataError) as exc:
         log.error("%s", exc)
         return 2
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -18,6 +18,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SERVICE_FILE = PROJECT_ROOT / "bentos" / "default.yaml"
 ENV_PREFIX = "FTSERVE_"
+M = TypeVar("M", bound=BaseModel)
 
 
 class ConfigError(ValueError):
@@ -143,23 +144,28 @@ def _parse_value(value: Any) -> Any:
     return value
 
 
+def load_yaml_config(file: Path, model: type[M], what: str, overrides: dict[str, Any] | None = None) -> M:
+    """Read a YAML mapping, apply dotted overrides, validate as ``model``; errors name the file and value."""
+    if not file.is_file():
+        raise ConfigError(f"{what} {str(file)!r} does not exist")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {str(file)!r} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {str(file)!r} must be a mapping, got {type(data).__name__}")
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, _parse_value(value))
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{what} {str(file)!r}: {exc}") from exc
+
+
 def load_service_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> ServiceConfig:
     """Read a deployment file (default: ``$FTSERVE_CONFIG`` or ``bentos/default.yaml``) and apply overrides.
 
     Environment overrides apply first, explicit ``overrides`` (from ``--arg``) last.
     """
     file = Path(path or os.environ.get("FTSERVE_CONFIG") or DEFAULT_SERVICE_FILE)
-    if not file.is_file():
-        raise ConfigError(f"service config {str(file)!r} does not exist")
-    try:
-        data = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"service config {str(file)!r} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"service config {str(file)!r} must be a mapping, got {type(data).__name__}")
-    for key, value in {**env_overrides(), **(overrides or {})}.items():
-        _set_dotted(data, key, _parse_value(value))
-    try:
-        return ServiceConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(f"service config {str(file)!r}: {exc}") from exc
+    return load_yaml_config(file, ServiceConfig, "service config", {**env_overrides(), **(overrides or {})})
