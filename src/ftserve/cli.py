@@ -112,6 +112,17 @@ def cmd_data_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_replay(ns: argparse.Namespace) -> int:
+    from ftserve.train.replay import generate_replay, write_replay
+    from ftserve.train.trainers import set_threads
+
+    set_threads(None)
+    texts = generate_replay(_store(ns).pull(ns.model), ns.n, ns.seed, ns.max_new_tokens)
+    write_replay(ns.out, texts)
+    log.info("wrote %d replay texts to %s", len(texts), ns.out)
+    return 0
+
+
 def cmd_data_check(ns: argparse.Namespace) -> int:
     from ftserve.train.filters import apply_filters
     from ftserve.train.formats import load_jsonl, write_jsonl
@@ -200,6 +211,14 @@ def _add_data_commands(groups: Any) -> None:
     gen.add_argument("--preferences", action="store_true", help="write (prompt, chosen, rejected) pairs")
     gen.add_argument("--out", type=Path, required=True, help="JSONL file to write")
     gen.set_defaults(func=cmd_data_generate)
+    replay = data.add_parser("replay", help="sample base-model text for replay against forgetting (SFT)")
+    replay.add_argument("--model", default=DEFAULT_MODEL, help="base model reference")
+    replay.add_argument("--n", type=int, default=512, help="texts to write (default: 512)")
+    replay.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    replay.add_argument("--max-new-tokens", type=int, default=80, help="tokens per continuation (default: 80)")
+    replay.add_argument("--out", type=Path, required=True, help="JSONL file to write")
+    add_model_options(replay, StoreConfig)
+    replay.set_defaults(func=cmd_data_replay)
     check = data.add_parser("check", help="validate a JSONL file and report what the quality filters drop")
     check.add_argument("file", type=Path, help="JSONL in Alpaca, chat or preference form")
     check.add_argument("--out", type=Path, default=None, help="also write the filtered records here")

@@ -11,6 +11,7 @@ from ftserve.config import ConfigError
 from ftserve.models import ModelStore, ModelStoreError
 from ftserve.train import pipeline
 from ftserve.train.formats import DataError, write_jsonl
+from ftserve.train.replay import load_replay
 from ftserve.train.settings import TrainConfig, load_train_config
 from ftserve.train.tasks import get_task
 
@@ -124,3 +125,18 @@ def test_interrupted_training_leaves_the_shipped_adapter_untouched(
         pipeline.run_training(config, ModelStore(tmp_path / "home"))
     assert [p.name for p in shipped.iterdir()] == ["card.json"]
     assert json.loads((shipped / "card.json").read_text()) == {"shipped": True}
+
+
+def test_replay_is_for_sft_only_and_its_file_is_checked(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="SFT only"):
+        make_config(tmp_path, method="dpo", **{"dpo.from_adapter": "x", "replay.file": "r.jsonl"})
+    config = make_config(tmp_path, **{"replay.file": str(tmp_path / "missing-replay.jsonl")})
+    with pytest.raises(DataError, match="missing-replay"):
+        pipeline.preflight(config, NoPull(tmp_path / "home"))
+
+
+def test_malformed_replay_line_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "replay.jsonl"
+    path.write_text('{"text": "fine"}\n{"txt": "wrong key"}\n')
+    with pytest.raises(DataError, match=r"replay\.jsonl:2"):
+        load_replay(path)

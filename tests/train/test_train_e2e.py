@@ -16,6 +16,7 @@ from ftserve.engine.model import ModelShape
 from ftserve.models import ModelStore
 from ftserve.train.formats import write_jsonl
 from ftserve.train.pipeline import run_training
+from ftserve.train.replay import write_replay
 from ftserve.train.settings import TrainConfig
 from ftserve.train.tasks import get_task
 
@@ -35,6 +36,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_jsonl(root / "prefs.jsonl", task.preferences(24, seed=0))
     write_jsonl(root / "extra.jsonl", task.generate(3, seed=9))
     (root / "general.txt").write_text(GENERAL)
+    write_replay(root / "replay.jsonl", [GENERAL[:80], GENERAL[80:], "Bread is one of the oldest prepared foods."])
     return root
 
 
@@ -49,6 +51,7 @@ def config(root: Path, name: str, **extra: object) -> TrainConfig:
             "general_text": str(root / "general.txt"),
         },
         "lora": {"r": 4, "alpha": 8},
+        "replay": {"file": str(root / "replay.jsonl"), "batch_size": 2, "max_length": 24},
         "optim": {"max_steps": 2, "batch_size": 2, "save_steps": 1, "max_length": 160, "logging_steps": 1},
         "eval": {"max_items": 3, "max_new_tokens": 4, "batch_size": 3, "perplexity_window": 32},
         "mlflow": {
@@ -81,6 +84,8 @@ def test_sft_publishes_safetensors_adapter_with_card(sft_card: dict, workspace: 
     assert len(sft_card["data"]["sha256"]) == 64
     assert sft_card["data"]["train_items"] + sft_card["data"]["heldout_items"] == 40
     assert sft_card["hyperparameters"]["lora"]["r"] == 4
+    assert sft_card["hyperparameters"]["replay"]["batch_size"] == 2
+    assert str(workspace / "replay.jsonl") in sft_card["data"]["files"]
     assert sft_card["time_s"]["train"] > 0
     for variant in ("base", "adapter"):
         metrics = sft_card["metrics"][variant]
@@ -118,6 +123,7 @@ def test_dpo_refines_the_sft_adapter_and_reports_preference_accuracy(
         "router-dpo",
         method="dpo",
         dpo={"from_adapter": str(workspace / "adapters" / "router"), "beta": 0.1},
+        replay=None,
     )
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": workspace / "prefs.jsonl"})})
     card = run_training(cfg, ModelStore(model_home))

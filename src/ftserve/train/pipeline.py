@@ -46,7 +46,8 @@ class PreparedData:
 def preflight(config: TrainConfig, store: ModelStore) -> tuple[Path, Task | None]:
     """Check inputs exist and fit; return the base model folder and the task. No training compute."""
     data = config.data
-    for path in [data.train, data.heldout, *data.extra_heldout, data.general_text]:
+    replay = config.replay.file if config.replay else None
+    for path in [data.train, data.heldout, *data.extra_heldout, data.general_text, replay]:
         if path is not None and not path.is_file():
             raise DataError(f"training config {config.name!r}: data file {str(path)!r} does not exist")
     task = None
@@ -93,6 +94,8 @@ def prepare_data(config: TrainConfig) -> PreparedData:
         files[str(path)] = sha256_of(path)
     if data.general_text is not None:
         files[str(data.general_text)] = sha256_of(data.general_text)
+    if config.replay is not None:
+        files[str(config.replay.file)] = sha256_of(config.replay.file)
     split_dir = config.run_dir / "data"
     files["split/train"] = write_jsonl(split_dir / "train.jsonl", train)
     files["split/heldout"] = write_jsonl(split_dir / "heldout.jsonl", heldout)
@@ -131,6 +134,7 @@ def build_card(
             "lora": config.lora.model_dump(mode="json"),
             "optim": config.optim.model_dump(mode="json"),
             **({"dpo": config.dpo.model_dump(mode="json")} if config.dpo else {}),
+            **({"replay": config.replay.model_dump(mode="json")} if config.replay else {}),
         },
         "training": training,
         "metrics": metrics,

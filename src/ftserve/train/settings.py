@@ -77,6 +77,15 @@ class OptimSettings(_Strict):
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; default one per core.")
 
 
+class ReplaySettings(_Strict):
+    """Language-modelling loss on base-model text mixed into SFT, against forgetting (see train/replay.py)."""
+
+    file: Path = Field(description="JSONL of {'text': ...} written by `ftserve data replay`.")
+    weight: float = Field(1.0, ge=0.0, description="Weight of the replay loss next to the task loss.")
+    batch_size: int = Field(4, ge=1, description="Replay sequences per optimizer micro-step.")
+    max_length: int = Field(96, ge=8, description="Tokens kept per replay sequence.")
+
+
 class DPOSettings(_Strict):
     """DPO on preference pairs, starting from an SFT adapter; the reference is that adapter turned off."""
 
@@ -116,15 +125,18 @@ class TrainConfig(_Strict):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     optim: OptimSettings = Field(default_factory=OptimSettings)
     dpo: DPOSettings | None = None
+    replay: ReplaySettings | None = Field(None, description="Optional replay against forgetting (SFT only).")
     eval: EvalSettings = Field(default_factory=EvalSettings)
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
     output_dir: Path = Field(Path("adapters"), description="The adapter is published to <output_dir>/<name>.")
     work_dir: Path = Field(Path("runs"), description="Checkpoints and split data go to <work_dir>/<name>.")
 
     @model_validator(mode="after")
-    def _dpo_needs_source(self) -> TrainConfig:
+    def _method_sections(self) -> TrainConfig:
         if self.method == "dpo" and self.dpo is None:
             raise ValueError("method: dpo needs a `dpo:` section with from_adapter")
+        if self.method == "dpo" and self.replay is not None:
+            raise ValueError("replay applies to SFT only; remove it from a dpo config")
         return self
 
     @property

@@ -70,8 +70,47 @@ class LeftPadCollator:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def pad_right(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Plain language-modelling batch: right padding, labels ignored on padding."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, IGNORE)}
+
+
 class CompletionTrainer(Trainer):
-    """``Trainer`` whose loss is token-mean cross-entropy over completion tokens, computed from the tail."""
+    """``Trainer`` whose loss is token-mean cross-entropy over completion tokens, computed from the tail.
+
+    With ``replay`` (token ids of base-model text, see ``replay.py``), each step also takes the LM loss
+    of ``replay_batch`` of those sequences, weighted by ``replay_weight``: loss = task + w · replay.
+    The replay rows of a step depend only on the step number, so a resumed run sees the same ones.
+    """
+
+    def __init__(
+        self,
+        *args: object,
+        replay: list[list[int]] | None = None,
+        replay_weight: float = 1.0,
+        replay_batch: int = 4,
+        pad_id: int = 0,
+        seed: int = 0,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.replay = replay or []
+        self.replay_weight = replay_weight
+        self.replay_batch = replay_batch
+        self.pad_id = pad_id
+        self._order = torch.randperm(len(self.replay), generator=torch.Generator().manual_seed(seed)).tolist()
+
+    def _replay_loss(self, model: nn.Module) -> torch.Tensor:
+        n, step = len(self._order), self.state.global_step
+        rows = [self.replay[self._order[(step * self.replay_batch + j) % n]] for j in range(self.replay_batch)]
+        batch = {k: v.to(self.args.device) for k, v in pad_right(rows, self.pad_id).items()}
+        return model(**batch, use_cache=False).loss
 
     def compute_loss(
         self,
@@ -97,4 +136,6 @@ class CompletionTrainer(Trainer):
         nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
         count = num_items_in_batch if num_items_in_batch is not None else answer.sum()
         loss = nll / torch.as_tensor(count).clamp(min=1)
+        if self.replay and model.training:
+            loss = loss + self.replay_weight * self._replay_loss(model)
         return (loss, out) if return_outputs else loss

@@ -109,11 +109,22 @@ def train_sft(config: TrainConfig, model_dir: Path, items: list[Item], out: Path
     common = _common_args(config.optim, checkpoints)
     max_length = common.pop("max_length")
     args = TrainingArguments(**common, remove_unused_columns=False)
+    replay_ids, replay_kwargs = None, {}
+    if config.replay is not None:
+        from ftserve.train.replay import load_replay
+
+        texts = load_replay(config.replay.file)
+        replay_ids = [tokenizer(t, add_special_tokens=False)["input_ids"][: config.replay.max_length] for t in texts]
+        replay_kwargs = {"replay_weight": config.replay.weight, "replay_batch": config.replay.batch_size}
     trainer = CompletionTrainer(
         model=get_peft_model(model, peft_config),
         args=args,
         train_dataset=CompletionDataset(tokenizer, items, max_length),
         data_collator=LeftPadCollator(tokenizer.pad_token_id),
+        replay=replay_ids,
+        pad_id=tokenizer.pad_token_id,
+        seed=config.optim.seed,
+        **replay_kwargs,
     )
     return _train(trainer, checkpoints, resume, out, config.base)
 
