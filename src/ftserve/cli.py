@@ -151,6 +151,23 @@ def cmd_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_optimize(ns: argparse.Namespace) -> int:
+    from ftserve.optimize.quantize import QuantizeError
+    from ftserve.optimize.recipe import load_recipe
+    from ftserve.optimize.runner import GateFailed, run_recipe
+
+    recipe = load_recipe(ns.recipe)
+    try:
+        manifest = run_recipe(recipe, _store(ns))
+    except QuantizeError as exc:
+        raise ConfigError(str(exc)) from None
+    except GateFailed as exc:
+        log.error("%s", exc)
+        return 3
+    print(json.dumps({"out": str(recipe.out), "ready": manifest["ready"]}, indent=2))
+    return 0
+
+
 def cmd_config_show(ns: argparse.Namespace) -> int:
     overrides = dict(item.split("=", 1) for item in ns.set or [])
     config = load_service_config(ns.file, overrides)
@@ -191,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. optim.max_steps=10")
     add_model_options(train, StoreConfig)
     train.set_defaults(func=cmd_train)
+
+    optimize = groups.add_parser("optimize", help="merge / quantize / gate / export, from optimize/<recipe>.yaml")
+    optimize.add_argument("recipe", type=Path, help="optimize recipe, e.g. optimize/support-router-int8.yaml")
+    add_model_options(optimize, StoreConfig)
+    optimize.set_defaults(func=cmd_optimize)
 
     config = groups.add_parser("config", help="deployment settings").add_subparsers(dest="action", required=True)
     show = config.add_parser("show", help="print the resolved service settings")

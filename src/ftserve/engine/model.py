@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from ftserve.engine.batch import ForwardBatch
+from ftserve.engine.qlinear import LINEAR_KEYS, Linear, QuantFormatError, build_linear
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SMALL_DECODE_TOKENS = 2048  # decode batches up to this many context tokens in total take the one-shot path
@@ -76,11 +77,11 @@ class ModelShape:
 @dataclass
 class Layer:
     input_norm: torch.Tensor  # [hidden]
-    qkv: torch.Tensor  # [(heads + 2 * kv_heads) * head_dim, hidden]: q, k and v projections fused
-    o: torch.Tensor  # [hidden, heads * head_dim]
+    qkv: Linear  # hidden → (heads + 2 * kv_heads) * head_dim: q, k and v projections fused
+    o: Linear  # heads * head_dim → hidden
     post_norm: torch.Tensor  # [hidden]
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]: gate and up projections fused
-    down: torch.Tensor  # [hidden, intermediate]
+    gate_up: Linear  # hidden → 2 * intermediate: gate and up projections fused
+    down: Linear  # intermediate → hidden
 
 
 class KVCache:
@@ -135,19 +136,31 @@ class NativeLlama:
         self.embed = w("model.embed_tokens.weight")
         self.lm_head = self.embed if shape.tie_word_embeddings else w("lm_head.weight")
         self.final_norm = w("model.norm.weight")
+
+        def linear(*names: str) -> Linear:
+            """Dense ``<name>.weight`` or quantized ``<name>.qweight`` / ``.scales`` [/ ``.zeros``], fused."""
+            parts = []
+            for name in names:
+                found = {key: weights[f"{name}.{key}"] for key in LINEAR_KEYS if f"{name}.{key}" in weights}
+                if not found:
+                    raise UnsupportedModelError(f"weight {name!r} missing from the checkpoint")
+                parts.append(found)
+            try:
+                return build_linear(parts, device, dtype)
+            except QuantFormatError as exc:
+                raise UnsupportedModelError(f"{names[0]}: {exc}") from exc
+
         self.layers: list[Layer] = []
         for i in range(shape.num_layers):
             p = f"model.layers.{i}."
-            attn = [w(p + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")]
-            mlp = [w(p + f"mlp.{n}_proj.weight") for n in ("gate", "up")]
             self.layers.append(
                 Layer(
                     input_norm=w(p + "input_layernorm.weight"),
-                    qkv=torch.cat(attn, dim=0).contiguous(),
-                    o=w(p + "self_attn.o_proj.weight"),
+                    qkv=linear(*(p + f"self_attn.{n}_proj" for n in ("q", "k", "v"))),
+                    o=linear(p + "self_attn.o_proj"),
                     post_norm=w(p + "post_attention_layernorm.weight"),
-                    gate_up=torch.cat(mlp, dim=0).contiguous(),
-                    down=w(p + "mlp.down_proj.weight"),
+                    gate_up=linear(p + "mlp.gate_proj", p + "mlp.up_proj"),
+                    down=linear(p + "mlp.down_proj"),
                 )
             )
         inv_freq = 1.0 / (
@@ -185,7 +198,7 @@ class NativeLlama:
         q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         for i, layer in enumerate(self.layers):
             x = _rms_norm(h, layer.input_norm, s.rms_norm_eps)
-            qkv = F.linear(x, layer.qkv)
+            qkv = layer.qkv(x)
             if lora is not None:
                 lora.apply(i, ("q_proj", "k_proj", "v_proj"), x, qkv, batch)
             q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
@@ -197,17 +210,17 @@ class NativeLlama:
             cache.k[i].index_copy_(1, batch.slot_mapping, k.transpose(0, 1))
             cache.v[i].index_copy_(1, batch.slot_mapping, v.transpose(0, 1))
             attn = plan.attend(q, cache.k[i], cache.v[i]).reshape(-1, q_size)
-            out = F.linear(attn, layer.o)
+            out = layer.o(attn)
             if lora is not None:
                 lora.apply(i, ("o_proj",), attn, out, batch)
             h = h + out
             x = _rms_norm(h, layer.post_norm, s.rms_norm_eps)
-            gate_up = F.linear(x, layer.gate_up)
+            gate_up = layer.gate_up(x)
             if lora is not None:
                 lora.apply(i, ("gate_proj", "up_proj"), x, gate_up, batch)
             gate, up = gate_up.chunk(2, dim=-1)
             act = F.silu(gate) * up
-            out = F.linear(act, layer.down)
+            out = layer.down(act)
             if lora is not None:
                 lora.apply(i, ("down_proj",), act, out, batch)
             h = h + out

@@ -1,0 +1,136 @@
+"""Linear layers the native engine runs: dense, or weight-only INT8 / INT4 with torch's packed CPU kernels.
+
+Checkpoint layout of a quantized linear ``<name>`` (written by ``ftserve optimize``, config
+``quantization_config.quant_method == "ftserve"``):
+
+- INT8, per output channel, symmetric: ``<name>.qweight`` int8 [N, K], ``<name>.scales`` [N];
+  W ≈ qweight * scales[:, None].
+- INT4, per group of ``group_size`` input columns, asymmetric: ``<name>.qweight`` uint8 [N, K/2] (two
+  values per byte, low nibble first), ``<name>.scales`` and ``<name>.zeros`` [N, K/group_size];
+  W ≈ (q - 8) * scale + zero (the convention of torch's ``_weight_int4pack_mm_for_cpu``).
+
+Rows are output channels, so the q/k/v (and gate/up) projections fuse by concatenating along rows. On CPU
+the matmul runs in ``aten._weight_int8pack_mm`` / ``aten._weight_int4pack_mm_for_cpu`` on the packed
+weight; elsewhere the weight is dequantized once at load, which is correct but gives up the memory saving.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+LINEAR_KEYS = ("weight", "qweight", "scales", "zeros")  # tensors a linear may be stored as
+
+
+class QuantFormatError(ValueError):
+    """A quantized checkpoint does not fit the layout above."""
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """[N, K] values 0..15 → uint8 [N, K/2], low nibble = even column."""
+    q = q.to(torch.uint8)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(packed.shape[0], packed.shape[1] * 2, dtype=torch.int32, device=packed.device)
+    out[:, 0::2] = (packed & 0x0F).to(torch.int32)
+    out[:, 1::2] = (packed >> 4).to(torch.int32)
+    return out
+
+
+def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return qweight.float() * scales.float()[:, None]
+
+
+def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    q = unpack_int4(qweight)
+    n, k = q.shape
+    groups = scales.shape[1]
+    q = q.view(n, groups, k // groups).float()
+    return ((q - 8) * scales.float()[..., None] + zeros.float()[..., None]).view(n, k)
+
+
+class Linear:
+    """``y = x @ W.T`` for one (possibly fused) projection."""
+
+    out_features: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class DenseLinear(Linear):
+    weight: torch.Tensor  # [N, K]
+
+    def __post_init__(self) -> None:
+        self.out_features = self.weight.shape[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class Int8Linear(Linear):
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> None:
+        if qweight.dtype != torch.int8 or scales.shape != (qweight.shape[0],):
+            raise QuantFormatError(f"int8 weight {tuple(qweight.shape)} {qweight.dtype} / scales {tuple(scales.shape)}")
+        self.out_features = qweight.shape[0]
+        self.qweight = qweight.contiguous()
+        self.scales = scales.to(dtype).contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).contiguous(), self.qweight, self.scales)
+        return y.view(*shape[:-1], self.out_features)
+
+
+class Int4Linear(Linear):
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype) -> None:
+        n, half_k = qweight.shape
+        k, groups = half_k * 2, scales.shape[1]
+        if qweight.dtype != torch.uint8 or scales.shape != zeros.shape or scales.shape[0] != n or k % groups:
+            raise QuantFormatError(
+                f"int4 weight {tuple(qweight.shape)} {qweight.dtype} / scales {tuple(scales.shape)} / "
+                f"zeros {tuple(zeros.shape)}"
+            )
+        self.group_size = k // groups
+        if self.group_size not in INT4_GROUP_SIZES:
+            raise QuantFormatError(f"int4 group size {self.group_size} not in {INT4_GROUP_SIZES}")
+        self.out_features = n
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(qweight), 1)
+        # [K/group, N, 2]: the kernel's layout of per-group (scale, zero) pairs.
+        self.scales_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).to(dtype).contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1]).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scales_zeros)
+        return y.view(*shape[:-1], self.out_features)
+
+
+def concat_rows(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Fuse projections that share an input: every tensor of the layout has output channels as rows."""
+    return {key: torch.cat([p[key] for p in parts], dim=0) for key in parts[0]}
+
+
+def build_linear(parts: list[dict[str, torch.Tensor]], device: torch.device, dtype: torch.dtype) -> Linear:
+    """One fused projection from per-projection tensors: ``{"weight"}`` or ``{"qweight", "scales"[, "zeros"]}``."""
+    kinds = {frozenset(p) for p in parts}
+    if len(kinds) != 1:
+        raise QuantFormatError(f"projections fused together are stored differently: {sorted(map(sorted, kinds))}")
+    fused = concat_rows(parts)
+    if "weight" in fused:
+        return DenseLinear(fused["weight"].to(device=device, dtype=dtype).contiguous())
+    if "zeros" in fused:
+        if device.type == "cpu":
+            return Int4Linear(fused["qweight"], fused["scales"], fused["zeros"], dtype)
+        dense = dequantize_int4(fused["qweight"], fused["scales"], fused["zeros"])
+    else:
+        if device.type == "cpu":
+            return Int8Linear(fused["qweight"], fused["scales"], dtype)
+        dense = dequantize_int8(fused["qweight"], fused["scales"])
+    return DenseLinear(dense.to(device=device, dtype=dtype).contiguous())

@@ -1,0 +1,1 @@
+"""The optimize stage: merge adapters, quantize, gate on quality, export engines (``ftserve optimize``)."""

@@ -1,0 +1,76 @@
+"""Optimize recipes: ``optimize/<name>.yaml`` validates as :class:`Recipe`, a list of named steps.
+
+An unknown step name fails validation with the list of known steps; quantizer names and group sizes are
+checked against the model before any heavy work (see ``runner.py``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ftserve.config import DEFAULT_MODEL, load_yaml_config
+
+
+class _Step(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MergeStep(_Step):
+    """Fold a LoRA adapter into the weights."""
+
+    step: Literal["merge"]
+    adapter: Path = Field(description="PEFT adapter folder (safetensors).")
+
+
+class QuantizeStep(_Step):
+    """Weight-only quantization of the decoder's linear layers."""
+
+    step: Literal["quantize"]
+    method: str = Field(description="Registered quantizer: int8, int4, gptq.")
+    group_size: int | None = Field(None, description="Input columns per scale (int4/gptq; 32 or 64 for SmolLM2).")
+    calibration: Path | None = Field(None, description="JSONL whose prompts calibrate methods that need data.")
+    calibration_items: int = Field(128, ge=1, description="Calibration prompts used.")
+
+
+class GateStep(_Step):
+    """Quality gate against the model before quantization; a breach marks the output not ready."""
+
+    step: Literal["gate"]
+    text: Path = Field(description="Held-out plain text for perplexity.")
+    max_perplexity_increase: float = Field(0.05, ge=0, description="Allowed relative perplexity increase.")
+    heldout: Path | None = Field(None, description="Held-out task JSONL (chat form) for exact match.")
+    task: str | None = Field(None, description="Task whose scorer is used for exact match.")
+    max_exact_match_drop: float = Field(0.03, ge=0, le=1, description="Allowed exact-match drop (absolute).")
+    max_items: int = Field(100, ge=1, description="Held-out items scored.")
+
+
+class ExportStep(_Step):
+    """Write the artifact for one engine."""
+
+    step: Literal["export"]
+    format: Literal["native", "vllm", "tensorrt-llm"] = Field("native", description="Target engine.")
+
+
+Step = Annotated[MergeStep | QuantizeStep | GateStep | ExportStep, Field(discriminator="step")]
+
+
+class Recipe(BaseModel):
+    """One optimization: a base model, an ordered list of steps, an output folder."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="Recipe name.")
+    base: str = Field(DEFAULT_MODEL, description="Base model: a bundled name or a local HF folder.")
+    steps: list[Step] = Field(min_length=1, description="Steps, run in order.")
+    output_dir: Path = Field(Path("optimize/out"), description="The result goes to <output_dir>/<name>.")
+    dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="Compute dtype for the gate.")
+
+    @property
+    def out(self) -> Path:
+        return self.output_dir / self.name
+
+
+def load_recipe(path: Path) -> Recipe:
+    return load_yaml_config(path, Recipe, "optimize recipe")
