@@ -71,7 +71,7 @@ def server(model_home: Path, model_dir: Path, tmp_path_factory: pytest.TempPathF
         str(bentoml), "serve", ".", "--host", "127.0.0.1", "--port", str(port),
         # A small context window makes the "prompt too long" case cheap to build.
         "--arg", "engine.max_model_len=512", "--arg", "engine.max_num_seqs=4",
-        "--arg", f"adapter_dirs=[{adapters}]",
+        "--arg", f"adapter_dirs=[{adapters},{ROOT / 'adapters'}]",
     ]  # fmt: skip
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)

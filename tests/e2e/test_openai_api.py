@@ -173,3 +173,25 @@ def test_adapter_is_listed_and_served_by_name(client: openai.OpenAI, server: Ser
     assert server.adapter in error_of(missing, 404)["message"]
     traversal = post(server, {"model": "../adapters", "messages": QUESTION})
     assert error_of(traversal, 404)["param"] == "model"
+
+
+def test_shipped_adapters_are_loaded_at_start_and_route_by_name(client: openai.OpenAI) -> None:
+    listed = {m.id for m in client.models.list().data}
+    assert {"support-router", "order-extract", "support-router-dpo"} <= listed
+    ticket = 'Route support ticket #6120 from Ines: "the courier marked my order as undeliverable but I was home"'
+    routed = client.chat.completions.create(
+        model="support-router", messages=[{"role": "user", "content": ticket}], max_tokens=32
+    )
+    route = re.compile(r"ROUTE [A-Z]+ \| PRIORITY (HIGH|NORMAL) \| TICKET 6120")
+    assert route.fullmatch(routed.choices[0].message.content)
+    base = client.chat.completions.create(
+        model="smollm2-135m-instruct", messages=[{"role": "user", "content": ticket}], max_tokens=32
+    )
+    assert not route.fullmatch(base.choices[0].message.content or "")
+    order = "Extract the order: Ship 100 RZ-4410-V2 to our Seoul partner."
+    extracted = client.chat.completions.create(
+        model="order-extract", messages=[{"role": "user", "content": order}], max_tokens=40
+    )
+    # Routing is what this checks (accuracy is tests/train/test_shipped_adapters.py's job): each adapter
+    # answers in its own task's format, which the base model does not.
+    assert list(json.loads(extracted.choices[0].message.content)) == ["sku", "quantity", "city"]
