@@ -87,7 +87,7 @@ class ReplaySettings(_Strict):
 
 
 class DPOSettings(_Strict):
-    """DPO on preference pairs, starting from an SFT adapter; the reference is that adapter turned off."""
+    """DPO on preference pairs, starting from an SFT adapter; the reference is a frozen copy of it."""
 
     from_adapter: Path = Field(description="Folder of the SFT adapter to refine.")
     beta: float = Field(0.1, gt=0, description="DPO temperature: how far the policy may move from the reference.")

@@ -2,8 +2,10 @@
 
 SFT trains on prompt/completion pairs rendered with the base model's chat template, with the loss on the
 completion only. DPO starts from an SFT adapter and trains it on
-(prompt, chosen, rejected); with ``ref_model=None`` TRL computes the reference log-probs with the adapter
-turned off (the base model), so no second copy of the model is held.
+(prompt, chosen, rejected); with ``ref_model=None`` TRL keeps a frozen copy of that SFT adapter (adapter
+name "ref") on the same base weights and takes the reference log-probs with it, so no second copy of the
+model is held. (The reference is the SFT policy, the usual DPO setup; with the adapter turned off the
+reference would be the base model, which never produces the task format.)
 """
 
 from __future__ import annotations
@@ -153,7 +155,7 @@ def train_dpo(config: TrainConfig, model_dir: Path, items: list[Item], out: Path
 
 def _save_adapter(model: PeftModel, out: Path, base_ref: str) -> None:
     """safetensors only; the config names the base by its store reference, not a local path."""
-    model.save_pretrained(str(out), safe_serialization=True)
+    model.save_pretrained(str(out), safe_serialization=True, selected_adapters=["default"])  # not TRL's "ref"
     cfg_file = out / "adapter_config.json"
     cfg = json.loads(cfg_file.read_text())
     cfg["base_model_name_or_path"] = base_ref
