@@ -101,7 +101,7 @@ def test_sft_publishes_safetensors_adapter_with_card(sft_card: dict, workspace: 
 def test_sft_run_is_registered_in_mlflow_with_its_alias(sft_card: dict, workspace: Path) -> None:
     client = MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
     version = client.get_model_version_by_alias("ftserve-router", "candidate")
-    assert version.version == sft_card["mlflow"]["version"]
+    assert str(version.version) == sft_card["mlflow"]["version"]
     run = client.get_run(sft_card["mlflow"]["run_id"])
     assert run.data.params["lora.r"] == "4"
     assert "adapter.heldout.exact_match" in run.data.metrics
