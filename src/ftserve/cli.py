@@ -61,6 +61,14 @@ def options_to(model: type[BaseModel], ns: argparse.Namespace) -> Any:
     return model(**given)
 
 
+def validated(model: type[BaseModel], ns: argparse.Namespace, what: str) -> Any:
+    """``options_to`` with a validation error turned into a ConfigError naming the command."""
+    try:
+        return options_to(model, ns)
+    except ValidationError as exc:
+        raise ConfigError(f"{what}: {exc}") from exc
+
+
 def _store(ns: argparse.Namespace) -> ModelStore:
     return ModelStore(options_to(StoreConfig, ns).home)
 
@@ -88,10 +96,7 @@ def cmd_model_path(ns: argparse.Namespace) -> int:
 def cmd_bench_engine(ns: argparse.Namespace) -> int:
     from ftserve.bench.engine_bench import run_engine_bench  # imports torch: only when benchmarking
 
-    try:
-        config = options_to(EngineBenchConfig, ns)
-    except ValidationError as exc:
-        raise ConfigError(f"bench engine: {exc}") from exc
+    config = validated(EngineBenchConfig, ns, "bench engine")
     model_dir = _store(ns).pull(config.model)
     rows = run_engine_bench(config, model_dir, ns.json_path)
     log.info("wrote %d rows to %s", len(rows), ns.json_path)
@@ -128,10 +133,7 @@ def cmd_data_check(ns: argparse.Namespace) -> int:
     from ftserve.train.formats import load_jsonl, write_jsonl
     from ftserve.train.settings import FilterConfig
 
-    try:
-        config = options_to(FilterConfig, ns)
-    except ValidationError as exc:
-        raise ConfigError(f"data check: {exc}") from exc
+    config = validated(FilterConfig, ns, "data check")
     kept, report = apply_filters(load_jsonl(ns.file), config)
     print(json.dumps({"file": str(ns.file), **report.to_json()}, indent=2))
     if ns.out:

@@ -52,25 +52,16 @@ def _card(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def _ipv4(text: str) -> list[tuple[int, int]]:
+def _ip(text: str) -> list[tuple[int, int]]:
+    """IPv4 and IPv6 candidates that ``ipaddress`` accepts (so 999.1.1.1 or a clock time are not IPs)."""
     out = []
-    for m in _IPV4.finditer(text):
-        try:
-            ipaddress.IPv4Address(m.group())
-        except ValueError:
-            continue
-        out.append(m.span())
-    return out
-
-
-def _ipv6(text: str) -> list[tuple[int, int]]:
-    out = []
-    for m in _IPV6.finditer(text):
-        try:
-            ipaddress.IPv6Address(m.group())
-        except ValueError:
-            continue
-        out.append(m.span())
+    for pattern in (_IPV4, _IPV6):
+        for m in pattern.finditer(text):
+            try:
+                ipaddress.ip_address(m.group())
+            except ValueError:
+                continue
+            out.append(m.span())
     return out
 
 
@@ -99,7 +90,7 @@ DETECTORS: dict[str, Callable[[str], list[tuple[int, int]]]] = {
     "IBAN": _iban,
     "CARD": _card,
     "SSN": _regex(_SSN),
-    "IP": lambda text: _ipv4(text) + _ipv6(text),
+    "IP": _ip,
     "PHONE": _phone,
 }
 
