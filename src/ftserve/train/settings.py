@@ -82,6 +82,9 @@ class ReplaySettings(_Strict):
 
     file: Path = Field(description="JSONL of {'text': ...} written by `ftserve data replay`.")
     weight: float = Field(1.0, ge=0.0, description="Weight of the replay loss next to the task loss.")
+    objective: Literal["nll", "kl"] = Field(
+        "nll", description="nll: likelihood of the base's sampled tokens; kl: KL(base || adapter) per position."
+    )
     batch_size: int = Field(4, ge=1, description="Replay sequences per optimizer micro-step.")
     max_length: int = Field(96, ge=8, description="Tokens kept per replay sequence.")
 

@@ -97,9 +97,11 @@ class CompletionTrainer(Trainer):
         replay_batch: int = 4,
         pad_id: int = 0,
         seed: int = 0,
+        replay_objective: str = "nll",
         **kwargs: object,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.replay_objective = replay_objective
         self.replay = replay or []
         self.replay_weight = replay_weight
         self.replay_batch = replay_batch
@@ -110,7 +112,17 @@ class CompletionTrainer(Trainer):
         n, step = len(self._order), self.state.global_step
         rows = [self.replay[self._order[(step * self.replay_batch + j) % n]] for j in range(self.replay_batch)]
         batch = {k: v.to(self.args.device) for k, v in pad_right(rows, self.pad_id).items()}
-        return model(**batch, use_cache=False).loss
+        if self.replay_objective == "nll":
+            return model(**batch, use_cache=False).loss
+        # KL(base || adapter) at every real position: the base's whole next-token distribution is the target
+        # (the adapter switched off gives it), a lower-variance anchor than the one sampled token.
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+        with torch.no_grad(), model.disable_adapter():
+            ref = torch.log_softmax(model(**inputs).logits.float(), dim=-1)
+        cur = torch.log_softmax(model(**inputs).logits.float(), dim=-1)
+        kl = (ref.exp() * (ref - cur)).sum(-1)
+        mask = batch["attention_mask"].float()
+        return (kl * mask).sum() / mask.sum()
 
     def compute_loss(
         self,

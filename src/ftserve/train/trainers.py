@@ -117,7 +117,11 @@ def train_sft(config: TrainConfig, model_dir: Path, items: list[Item], out: Path
 
         texts = load_replay(config.replay.file)
         replay_ids = [tokenizer(t, add_special_tokens=False)["input_ids"][: config.replay.max_length] for t in texts]
-        replay_kwargs = {"replay_weight": config.replay.weight, "replay_batch": config.replay.batch_size}
+        replay_kwargs = {
+            "replay_weight": config.replay.weight,
+            "replay_batch": config.replay.batch_size,
+            "replay_objective": config.replay.objective,
+        }
     trainer = CompletionTrainer(
         model=get_peft_model(model, peft_config),
         args=args,
