@@ -10,7 +10,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from ftserve.bench.adapters import make_random_adapters
-from ftserve.optimize.merge import merge_adapter, read_state, write_model
+from ftserve.engine.model import read_state
+from ftserve.optimize.merge import merge_adapter, write_model
 
 # fp32 on CPU: the merged matmul and PEFT's separate low-rank path differ only by summation order.
 ATOL = 2e-4

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from ftserve.engine.loader import HFTokenizer
-from ftserve.engine.model import NativeLlama
+from ftserve.engine.model import NativeLlama, read_state
 from ftserve.engine.qlinear import Int4Linear, Int8Linear, dequantize_int4, dequantize_int8
-from ftserve.optimize.merge import read_state, write_model
+from ftserve.optimize.merge import write_model
 from ftserve.optimize.quality import perplexity, sequence_logits
 from ftserve.optimize.quantize import get_quantizer
 

@@ -100,6 +100,19 @@ class KVCache:
         self.num_blocks = num_blocks
 
 
+def read_state(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's safetensors files (never pickle)."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise UnsupportedModelError(f"{model_dir} has no safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as fh:
+            for key in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                state[key] = fh.get_tensor(key)
+    return state
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Computed in float32 as in the reference implementation, then cast back.
     xf = x.float()
@@ -175,15 +188,7 @@ class NativeLlama:
     def from_dir(cls, model_dir: Path, device: torch.device, dtype: torch.dtype) -> NativeLlama:
         cfg = json.loads((model_dir / "config.json").read_text())
         shape = ModelShape.from_config(cfg)
-        weights: dict[str, torch.Tensor] = {}
-        files = sorted(model_dir.glob("*.safetensors"))
-        if not files:
-            raise UnsupportedModelError(f"{model_dir} has no safetensors weights")
-        for file in files:
-            with safe_open(str(file), framework="pt") as fh:
-                for key in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    weights[key] = fh.get_tensor(key)
-        return cls(shape, weights, device, dtype)
+        return cls(shape, read_state(model_dir), device, dtype)
 
     # -- forward ---------------------------------------------------------------------------------------
 

@@ -11,7 +11,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ftserve.engine.lora import load_peft_adapter
@@ -20,15 +19,6 @@ from ftserve.engine.model import ModelShape
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "chat_template.jinja", "special_tokens_map.json")  # fmt: skip
 MAX_MERGE_RANK = 1024
-
-
-def read_state(model_dir: Path) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
-    for file in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as fh:
-            for key in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                state[key] = fh.get_tensor(key)
-    return state
 
 
 def merge_adapter(state: dict[str, torch.Tensor], model_dir: Path, adapter_dir: Path) -> dict[str, torch.Tensor]:

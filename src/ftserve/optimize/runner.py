@@ -22,11 +22,11 @@ from tqdm.auto import tqdm
 
 from ftserve.config import EngineConfig
 from ftserve.engine.loader import HFTokenizer, eos_token_ids
-from ftserve.engine.model import ModelShape, NativeLlama
+from ftserve.engine.model import ModelShape, NativeLlama, read_state
 from ftserve.engine.native import NativeEngine
 from ftserve.engine.request import GenerationRequest, SamplingParams
 from ftserve.models import ModelStore, sha256_file
-from ftserve.optimize.merge import merge_adapter, read_state, write_model
+from ftserve.optimize.merge import merge_adapter, write_model
 from ftserve.optimize.quality import perplexity
 from ftserve.optimize.quantize import QuantizeError, get_quantizer
 from ftserve.optimize.recipe import ExportStep, GateStep, MergeStep, QuantizeStep, Recipe
@@ -72,7 +72,7 @@ def _exact_match(model: NativeLlama, model_dir: Path, step: GateStep) -> float |
     params = SamplingParams(max_tokens=48, temperature=0.0)
 
     async def one(i: int, item: Example) -> str:
-        ids = tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in item.prompt])
+        ids = tokenizer.apply_chat_template(item.messages)
         return "".join([o.text async for o in engine.generate(GenerationRequest(f"g{i}", ids, params))])
 
     async def run() -> list[str]:

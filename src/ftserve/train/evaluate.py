@@ -36,8 +36,7 @@ def adapter_state(model: PeftModel, adapter: str | None) -> Iterator[None]:
 
 
 def _prompt_text(tokenizer: PreTrainedTokenizerBase, item: Item) -> str:
-    messages = [{"role": r, "content": c} for r, c in item.prompt]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(item.messages, tokenize=False, add_generation_prompt=True)
 
 
 @torch.inference_mode()

@@ -79,13 +79,16 @@ class Example:
         return "\n".join(content for _, content in self.prompt)
 
     @property
+    def messages(self) -> list[dict[str, str]]:
+        """The prompt as chat messages."""
+        return chat_messages(self.prompt)
+
+    @property
     def text(self) -> str:
         return f"{self.prompt_text}\n{self.completion}"
 
     def to_json(self) -> dict:
-        messages = [{"role": r, "content": c} for r, c in self.prompt] + [
-            {"role": "assistant", "content": self.completion}
-        ]
+        messages = [*self.messages, {"role": "assistant", "content": self.completion}]
         return {"messages": messages, **({"group": self.group} if self.group else {})}
 
 
@@ -103,6 +106,11 @@ class PreferencePair:
         return "\n".join(content for _, content in self.prompt)
 
     @property
+    def messages(self) -> list[dict[str, str]]:
+        """The prompt as chat messages."""
+        return chat_messages(self.prompt)
+
+    @property
     def completion(self) -> str:
         return self.chosen
 
@@ -111,9 +119,13 @@ class PreferencePair:
         return f"{self.prompt_text}\n{self.chosen}\n{self.rejected}"
 
     def to_json(self) -> dict:
-        prompt = [{"role": r, "content": c} for r, c in self.prompt]
-        out = {"prompt": prompt, "chosen": self.chosen, "rejected": self.rejected}
+        out = {"prompt": self.messages, "chosen": self.chosen, "rejected": self.rejected}
         return {**out, **({"group": self.group} if self.group else {})}
+
+
+def chat_messages(turns: tuple[tuple[str, str], ...]) -> list[dict[str, str]]:
+    """``((role, content), ...)`` → the ``[{"role", "content"}]`` list chat templates take."""
+    return [{"role": role, "content": content} for role, content in turns]
 
 
 Item = Example | PreferencePair

@@ -31,7 +31,7 @@ class Encoded:
 def encode_example(tokenizer: PreTrainedTokenizerBase, item: Item, max_length: int) -> Encoded:
     if not isinstance(item, Example):
         raise TypeError("SFT needs supervised examples (Alpaca or chat records), got preference pairs")
-    messages = [{"role": r, "content": c} for r, c in item.prompt]
+    messages = item.messages
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": item.completion}], tokenize=False)
     if not full.startswith(prompt):

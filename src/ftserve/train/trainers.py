@@ -41,10 +41,6 @@ def load_base(model_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase
     return model, tokenizer
 
 
-def _messages(prompt: tuple[tuple[str, str], ...]) -> list[dict[str, str]]:
-    return [{"role": role, "content": content} for role, content in prompt]
-
-
 def dpo_dataset(items: list[Item]) -> Dataset:
     rows = []
     for item in items:
@@ -52,7 +48,7 @@ def dpo_dataset(items: list[Item]) -> Dataset:
             raise TypeError("DPO needs preference records (prompt, chosen, rejected)")
         rows.append(
             {
-                "prompt": _messages(item.prompt),
+                "prompt": item.messages,
                 "chosen": [{"role": "assistant", "content": item.chosen}],
                 "rejected": [{"role": "assistant", "content": item.rejected}],
             }
