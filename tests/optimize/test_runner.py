@@ -10,13 +10,17 @@ import torch
 
 from ftserve.bench.adapters import make_random_adapters
 from ftserve.config import ConfigError
-from ftserve.engine.model import NativeLlama
+from ftserve.engine.loader import HFTokenizer
+from ftserve.engine.model import NativeLlama, read_state
 from ftserve.engine.qlinear import Int8Linear
 from ftserve.models import ModelStore
 from ftserve.optimize.quantize import QuantizeError
-from ftserve.optimize.recipe import Recipe, load_recipe
-from ftserve.optimize.runner import GateFailed, run_recipe
-from ftserve.train.formats import write_jsonl
+from ftserve.optimize.recipe import QuantizeStep, Recipe, load_recipe
+from ftserve.optimize.runner import GateFailed, calibration_sequences, run_recipe
+from ftserve.train.formats import Example, write_jsonl
+from ftserve.train.pipeline import split_data
+from ftserve.train.replay import write_replay
+from ftserve.train.settings import load_train_config
 from ftserve.train.tasks import get_task
 
 TEXT = (
@@ -97,3 +101,53 @@ def test_unknown_step_names_the_known_ones(tmp_path: Path) -> None:
     path.write_text("name: r\nsteps:\n  - {step: distill}\n")
     with pytest.raises(ConfigError, match=r"merge.*quantize.*gate.*export"):
         load_recipe(path)
+
+
+@pytest.fixture(scope="module")
+def train_config(inputs: Path) -> Path:
+    """A training config like the shipped ones: task data with a held-out split, and replay text."""
+    write_jsonl(inputs / "train.jsonl", get_task("support-router").generate(40, seed=0))
+    write_replay(inputs / "replay.jsonl", [TEXT, "A second replay text, about rivers and the sea."])
+    path = inputs / "router.yaml"
+    path.write_text(
+        f"name: router\ntask: support-router\ndata: {{train: {inputs / 'train.jsonl'}, heldout_fraction: 0.2}}\n"
+        f"replay: {{file: {inputs / 'replay.jsonl'}}}\n"
+    )
+    return path
+
+
+def test_calibration_draws_from_the_train_split_and_the_replay_text(train_config: Path, model_dir: Path) -> None:
+    tokenizer = HFTokenizer(model_dir)
+    step = QuantizeStep(step="quantize", method="gptq", calibration=[train_config], calibration_items=6)
+    seqs = calibration_sequences(step, tokenizer)
+    heldout = split_data(load_train_config(train_config)).heldout
+    replay_ids = tokenizer.encode(TEXT)
+    assert len(seqs) == 6 and replay_ids in seqs  # half from each source
+    prompts = [tokenizer.apply_chat_template(i.messages) for i in heldout if isinstance(i, Example)]
+    assert not any(seq[: len(p)] == p for seq in seqs for p in prompts)  # never the held-out side
+
+
+def test_gate_scores_a_quantized_base_with_an_unmerged_adapter_on_the_held_out_split(
+    inputs: Path, train_config: Path, model_home: Path
+) -> None:
+    steps = [
+        {"step": "quantize", "method": "int8"},
+        {"step": "gate", "text": str(inputs / "text.txt"), "max_perplexity_increase": 0.5,
+         "adapter": str(inputs / "adapters" / "tiny"), "heldout": str(inputs / "heldout.jsonl"),
+         "heldout_split": str(train_config), "max_exact_match_drop": 1.0},
+        {"step": "export", "format": "native"},
+    ]  # fmt: skip
+    manifest = run_recipe(recipe(inputs, "base-int8", steps), ModelStore(model_home))
+    gate = manifest["steps"][1]
+    split = split_data(load_train_config(train_config)).heldout
+    assert gate["measured"]["items"] == 3 + len(split) and gate["reference"]["exact_match"] is not None
+    assert str(inputs / "adapters" / "tiny") in manifest["inputs"]
+    assert not any(k.startswith("model.layers") and k.endswith(".weight") and "proj" in k for k in read_state(
+        inputs / "out" / "base-int8" / "native"))  # fmt: skip
+
+
+def test_a_vllm_export_of_an_asymmetric_grid_is_refused_before_any_work(inputs: Path, model_home: Path) -> None:
+    steps = [{"step": "quantize", "method": "int4", "group_size": 64}, {"step": "export", "format": "vllm"}]
+    with pytest.raises(QuantizeError, match="sym: true"):
+        run_recipe(recipe(inputs, "asym", steps), ModelStore(model_home))
+    assert not (inputs / "out" / "asym").exists()

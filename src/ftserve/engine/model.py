@@ -113,16 +113,24 @@ def read_state(model_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Computed in float32 as in the reference implementation, then cast back.
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_tables(shape: ModelShape) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [max_position, head_dim] (float32) of the default rotary embedding."""
+    inv_freq = 1.0 / (shape.rope_theta ** (torch.arange(0, shape.head_dim, 2, dtype=torch.float32) / shape.head_dim))
+    freqs = torch.outer(torch.arange(shape.max_position, dtype=torch.float32), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
 
 
 class LoraApplier(Protocol):
@@ -176,13 +184,7 @@ class NativeLlama:
                     down=linear(p + "mlp.down_proj"),
                 )
             )
-        inv_freq = 1.0 / (
-            shape.rope_theta ** (torch.arange(0, shape.head_dim, 2, dtype=torch.float32) / shape.head_dim)
-        )
-        freqs = torch.outer(torch.arange(shape.max_position, dtype=torch.float32), inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos = emb.cos().to(device=device, dtype=dtype)
-        self.sin = emb.sin().to(device=device, dtype=dtype)
+        self.cos, self.sin = (t.to(device=device, dtype=dtype) for t in rope_tables(shape))
 
     @classmethod
     def from_dir(cls, model_dir: Path, device: torch.device, dtype: torch.dtype) -> NativeLlama:
@@ -202,7 +204,7 @@ class NativeLlama:
         plan = _AttentionPlan(batch, cache.block_size, cache.num_blocks, self.device)
         q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         for i, layer in enumerate(self.layers):
-            x = _rms_norm(h, layer.input_norm, s.rms_norm_eps)
+            x = rms_norm(h, layer.input_norm, s.rms_norm_eps)
             qkv = layer.qkv(x)
             if lora is not None:
                 lora.apply(i, ("q_proj", "k_proj", "v_proj"), x, qkv, batch)
@@ -210,8 +212,8 @@ class NativeLlama:
             q = q.view(-1, s.num_heads, s.head_dim)
             k = k.view(-1, s.num_kv_heads, s.head_dim)
             v = v.view(-1, s.num_kv_heads, s.head_dim)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
             cache.k[i].index_copy_(1, batch.slot_mapping, k.transpose(0, 1))
             cache.v[i].index_copy_(1, batch.slot_mapping, v.transpose(0, 1))
             attn = plan.attend(q, cache.k[i], cache.v[i]).reshape(-1, q_size)
@@ -219,7 +221,7 @@ class NativeLlama:
             if lora is not None:
                 lora.apply(i, ("o_proj",), attn, out, batch)
             h = h + out
-            x = _rms_norm(h, layer.post_norm, s.rms_norm_eps)
+            x = rms_norm(h, layer.post_norm, s.rms_norm_eps)
             gate_up = layer.gate_up(x)
             if lora is not None:
                 lora.apply(i, ("gate_proj", "up_proj"), x, gate_up, batch)
@@ -229,7 +231,7 @@ class NativeLlama:
             if lora is not None:
                 lora.apply(i, ("down_proj",), act, out, batch)
             h = h + out
-        last = _rms_norm(h[batch.logits_indices], self.final_norm, s.rms_norm_eps)
+        last = rms_norm(h[batch.logits_indices], self.final_norm, s.rms_norm_eps)
         return F.linear(last, self.lm_head).float()
 
 

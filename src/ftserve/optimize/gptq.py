@@ -8,26 +8,42 @@ updates), with H⁻¹ taken through its upper Cholesky factor for numerical stab
 ``group_size`` columns get their own (scale, zero), computed when the group's first column is reached, from
 the already-updated weights. The output uses the INT4 layout of ``ftserve.engine.qlinear``.
 
-Hessians come from forward hooks on every decoder linear while the full-precision model reads the
-calibration texts (one pass, not layer-sequential: each layer sees full-precision inputs).
+Calibration is sequential, as in the paper's reference code: the decoder runs layer by layer on the
+calibration tokens (a plain fp32 Llama forward), and every projection is quantized from the inputs it sees
+*after* the projections before it were quantized, so each layer corrects the error of those before it.
+Projections that read the same input (q/k/v, gate/up) share one Hessian.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ftserve.engine.model import ModelShape, rms_norm, rope_tables, rotate_half
 from ftserve.engine.qlinear import pack_int4
-from ftserve.optimize.quantize import TARGET, QuantizeError, Quantizer, check_group_size, int4_params, register
+from ftserve.optimize.quantize import QuantizeError, Quantizer, check_group_size, int4_params, register
 
 BLOCK = 128
 
+# (input the projections read, the projections) in the order the decoder layer uses them.
+PROJECTIONS = (
+    ("attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("attn_out", ("self_attn.o_proj",)),
+    ("mlp_in", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp_act", ("mlp.down_proj",)),
+)
+
+# Called with (layer, input name, inputs [n, K] of every calibration sequence); returns the weights to use
+# from now on for the projections that read that input (keyed by their full weight name).
+OnInputs = Callable[[int, str, list[torch.Tensor]], dict[str, torch.Tensor]]
+
 
 def gptq_quantize(
-    w: torch.Tensor, hessian: torch.Tensor, group_size: int, damp: float = 0.01
+    w: torch.Tensor, hessian: torch.Tensor, group_size: int, damp: float = 0.01, sym: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return (q 0..15 int32 [N, K], scales [N, K/g], zeros [N, K/g]) with W ≈ (q - 8) * scale + zero."""
     w = w.float().clone()
@@ -48,7 +64,7 @@ def gptq_quantize(
             col = i1 + i
             if col % group_size == 0:  # new group: its grid from the weights as updated so far
                 group = w1[:, i : i + group_size] if i + group_size <= i2 - i1 else w[:, col : col + group_size]
-                s_g, z_g = int4_params(group, group_size)
+                s_g, z_g = int4_params(group, group_size, sym)
                 scales[:, col // group_size], zeros[:, col // group_size] = s_g[:, 0], z_g[:, 0]
             s, z = scales[:, col // group_size], zeros[:, col // group_size]
             q = torch.round((w1[:, i] - z) / s + 8).clamp(0, 15)
@@ -62,67 +78,118 @@ def gptq_quantize(
     return q_all, scales, zeros
 
 
+def hessian_of(inputs: list[torch.Tensor]) -> torch.Tensor:
+    """2·XᵀX/n over every calibration token."""
+    total = sum(x.T @ x for x in inputs)
+    return 2 * total / sum(x.shape[0] for x in inputs)
+
+
 @torch.inference_mode()
-def collect_hessians(
-    model_dir: Path, state: dict[str, torch.Tensor], texts: list[str], max_length: int = 256
-) -> dict[str, torch.Tensor]:
-    """2·XᵀX/n per decoder linear (keyed by its weight name), from one fp32 pass of the model in ``state``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def run_decoder(
+    shape: ModelShape, state: dict[str, torch.Tensor], seqs: list[list[int]], on_inputs: OnInputs | None = None
+) -> list[torch.Tensor]:
+    """The decoder in fp32, one layer at a time over all sequences; returns final-norm hidden states.
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.float32)
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    if unexpected or any(k != "lm_head.weight" for k in missing):
-        raise QuantizeError(f"gptq: state does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    model.tie_weights()
-    model.eval()
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    hooks = []
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or not TARGET.match(f"{name}.weight"):
-            continue
+    ``on_inputs`` sees each projection's inputs before the projection runs and may replace its weights
+    (GPTQ quantizes them there); the replaced weights are used for the rest of the pass.
+    """
+    rope = rope_tables(shape)
+    hidden = [state["model.embed_tokens.weight"][torch.tensor(ids)].float() for ids in seqs]
+    for layer in tqdm(range(shape.num_layers), desc="calibrate layers", unit="layer", leave=False):
+        hidden = _decoder_layer(shape, state, layer, hidden, rope, on_inputs)
+    final = state["model.norm.weight"].float()
+    return [rms_norm(h, final, shape.rms_norm_eps) for h in hidden]
 
-        def hook(mod: torch.nn.Module, args: tuple, out: torch.Tensor, key: str = f"{name}.weight") -> None:
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            sums[key] = sums.get(key, 0) + x.T @ x
-            counts[key] = counts.get(key, 0) + x.shape[0]
 
-        hooks.append(module.register_forward_hook(hook))
-    try:
-        for text in tqdm(texts, desc="gptq calibration", unit="text"):
-            ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)["input_ids"]
-            model(input_ids=ids)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {key: 2 * sums[key] / counts[key] for key in sums}
+def _decoder_layer(
+    shape: ModelShape,
+    state: dict[str, torch.Tensor],
+    layer: int,
+    hidden: list[torch.Tensor],
+    rope: tuple[torch.Tensor, torch.Tensor],
+    on_inputs: OnInputs | None,
+) -> list[torch.Tensor]:
+    p = f"model.layers.{layer}."
+    weights = {f"{p}{name}.weight": state[f"{p}{name}.weight"].float() for _, names in PROJECTIONS for name in names}
+
+    def project(key: str, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        if on_inputs is not None:
+            weights.update(on_inputs(layer, key, xs))
+        fused = torch.cat([weights[f"{p}{name}.weight"] for name in dict(PROJECTIONS)[key]])
+        return [x @ fused.T for x in xs]
+
+    q_size, kv_size = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    groups = shape.num_heads // shape.num_kv_heads
+    xs = [rms_norm(h, state[p + "input_layernorm.weight"].float(), shape.rms_norm_eps) for h in hidden]
+    attn = []
+    for qkv in project("attn_in", xs):
+        t = qkv.shape[0]
+        q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
+        q = q.view(t, shape.num_heads, shape.head_dim)
+        k = k.view(t, shape.num_kv_heads, shape.head_dim)
+        v = v.view(t, shape.num_kv_heads, shape.head_dim)
+        cos, sin = rope[0][:t, None], rope[1][:t, None]
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True)
+        attn.append(out.transpose(0, 1).reshape(t, q_size))
+    hidden = [h + o for h, o in zip(hidden, project("attn_out", attn), strict=True)]
+    xs = [rms_norm(h, state[p + "post_attention_layernorm.weight"].float(), shape.rms_norm_eps) for h in hidden]
+    acts = [F.silu(g) * u for g, u in (gu.chunk(2, dim=-1) for gu in project("mlp_in", xs))]
+    return [h + d for h, d in zip(hidden, project("mlp_act", acts), strict=True)]
+
+
+def gptq_model(
+    shape: ModelShape,
+    state: dict[str, torch.Tensor],
+    seqs: list[list[int]],
+    group_size: int,
+    damp: float = 0.01,
+    sym: bool = False,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(q, scales, zeros) for every decoder projection, quantized sequentially (see the module docstring)."""
+    results: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def quantize_inputs(layer: int, key: str, xs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        hessian = hessian_of(xs)
+        replaced = {}
+        for name in dict(PROJECTIONS)[key]:
+            full = f"model.layers.{layer}.{name}.weight"
+            q, scales, zeros = gptq_quantize(state[full], hessian, group_size, damp, sym)
+            results[full] = (q, scales, zeros)
+            n, k = q.shape
+            replaced[full] = ((q.float() - 8).view(n, -1, group_size) * scales[..., None] + zeros[..., None]).view(n, k)
+        return replaced
+
+    run_decoder(shape, state, seqs, quantize_inputs)
+    return results
 
 
 @register
 class GPTQQuantizer(Quantizer):
-    """GPTQ 4-bit, per group, calibrated on text from the adapter's training data."""
+    """GPTQ 4-bit, per group, calibrated sequentially on token sequences from the adapter's training data."""
 
     name = "gptq"
     bits = 4
     needs_calibration: ClassVar[bool] = True
 
-    def __init__(self, group_size: int | None = 64, damp: float = 0.01) -> None:
-        super().__init__(group_size or 64)
+    def __init__(self, group_size: int | None = 64, sym: bool = False, damp: float = 0.01) -> None:
+        super().__init__(group_size or 64, sym)
         self.damp = damp
 
     def check(self, state: dict[str, torch.Tensor]) -> None:
         check_group_size((tuple(state[k].shape) for k in self.targets(state)), self.group_size or 64)
 
     def prepare(self, state: dict[str, torch.Tensor], calibration: Any = None) -> dict[str, Any]:
-        if not calibration:
-            raise QuantizeError("gptq needs calibration texts")
-        model_dir, texts = calibration
-        return {"hessians": collect_hessians(Path(model_dir), state, texts)}
+        """``calibration`` is (ModelShape, token id sequences); the quantization itself happens here."""
+        if not calibration or not calibration[1]:
+            raise QuantizeError("gptq needs calibration sequences")
+        shape, seqs = calibration
+        return {"quantized": gptq_model(shape, state, seqs, self.group_size or 64, self.damp, self.sym)}
 
     def quantize_weight(self, name: str, w: torch.Tensor, prepared: dict[str, Any]) -> dict[str, torch.Tensor]:
-        q, scales, zeros = gptq_quantize(w, prepared["hessians"][name], self.group_size or 64, self.damp)
+        q, scales, zeros = prepared["quantized"][name]
         return {"qweight": pack_int4(q), "scales": scales, "zeros": zeros}
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "damp": self.damp, "calibration": "adapter training data"}
+        return {**super().config(), "damp": self.damp, "calibration": "sequential, adapter training data"}

@@ -32,14 +32,19 @@ def quantize_int8(w: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"qweight": q, "scales": scales}
 
 
-def int4_params(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def int4_params(w: torch.Tensor, group_size: int, sym: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group 4-bit (scale, zero) with W ≈ (q - 8) * scale + zero, q in 0..15.
 
-    The range always includes 0 and the zero point is an integer (zero = scale * (8 - zp)), i.e.
-    W ≈ scale * (q - zp): the asymmetric grid of GPTQ checkpoints, so exports to that layout are exact.
+    Asymmetric (default): the range always includes 0 and the zero point is an integer (zero = scale *
+    (8 - zp)), i.e. W ≈ scale * (q - zp), the grid of GPTQ checkpoints, so exports to that layout are exact.
+    Symmetric: zp = 8 (zero = 0), scale = 2·max|w| / 15, GPTQ's ``sym: true`` grid (what vLLM's GPTQ
+    kernels take).
     """
     n, k = w.shape
     groups = w.float().view(n, k // group_size, group_size)
+    if sym:
+        scales = (2 * groups.abs().amax(dim=-1) / 15.0).clamp(min=1e-8)
+        return scales, torch.zeros_like(scales)
     lo, hi = groups.amin(dim=-1).clamp(max=0), groups.amax(dim=-1).clamp(min=0)
     scales = ((hi - lo) / 15.0).clamp(min=1e-8)
     zero_point = torch.round(-lo / scales).clamp(0, 15)
@@ -73,8 +78,9 @@ class Quantizer(ABC):
     bits: ClassVar[int]
     needs_calibration: ClassVar[bool] = False
 
-    def __init__(self, group_size: int | None = None) -> None:
+    def __init__(self, group_size: int | None = None, sym: bool = False) -> None:
         self.group_size = group_size
+        self.sym = sym
 
     def targets(self, state: dict[str, torch.Tensor]) -> list[str]:
         return sorted(k for k in state if TARGET.match(k))
@@ -104,6 +110,7 @@ class Quantizer(ABC):
             "method": self.name,
             "bits": self.bits,
             "group_size": self.group_size,
+            "sym": self.sym,
             "modules_not_converted": ["model.embed_tokens", "lm_head"],
         }
 
@@ -133,6 +140,11 @@ class Int8Quantizer(Quantizer):
     name = "int8"
     bits = 8
 
+    def __init__(self, group_size: int | None = None, sym: bool = True) -> None:
+        if group_size:
+            raise QuantizeError("int8 is per output channel: group_size does not apply (it is for int4 and gptq)")
+        super().__init__(None, True)
+
     def quantize_weight(self, name: str, w: torch.Tensor, prepared: dict[str, Any]) -> dict[str, torch.Tensor]:
         return quantize_int8(w)
 
@@ -144,13 +156,13 @@ class Int4Quantizer(Quantizer):
     name = "int4"
     bits = 4
 
-    def __init__(self, group_size: int | None = 64) -> None:
-        super().__init__(group_size or 64)
+    def __init__(self, group_size: int | None = 64, sym: bool = False) -> None:
+        super().__init__(group_size or 64, sym)
 
     def check(self, state: dict[str, torch.Tensor]) -> None:
         check_group_size((tuple(state[k].shape) for k in self.targets(state)), self.group_size or 64)
 
     def quantize_weight(self, name: str, w: torch.Tensor, prepared: dict[str, Any]) -> dict[str, torch.Tensor]:
         g = self.group_size or 64
-        scales, zeros = int4_params(w, g)
+        scales, zeros = int4_params(w, g, self.sym)
         return {"qweight": pack_int4(quantize_int4_with(w, scales, zeros)), "scales": scales, "zeros": zeros}

@@ -9,9 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from ftserve.config import DEFAULT_MODEL, load_yaml_config
+
+
+def _as_list(value: object) -> object:
+    return [value] if isinstance(value, str | Path) else value
+
+
+PathList = Annotated[list[Path], BeforeValidator(_as_list)]  # one path or a list of them
 
 
 class _Step(BaseModel):
@@ -31,8 +38,15 @@ class QuantizeStep(_Step):
     step: Literal["quantize"]
     method: str = Field(description="Registered quantizer: int8, int4, gptq.")
     group_size: int | None = Field(None, description="Input columns per scale (int4/gptq; 32 or 64 for SmolLM2).")
-    calibration: Path | None = Field(None, description="JSONL whose prompts calibrate methods that need data.")
-    calibration_items: int = Field(128, ge=1, description="Calibration prompts used.")
+    sym: bool = Field(False, description="int4/gptq: symmetric grid (no zero points; needed for the vllm export).")
+    calibration: PathList = Field(
+        default_factory=list,
+        description="Calibration data for methods that need it: training configs (adapters/<name>.yaml: its "
+        "train split and replay text) and/or JSONL files (task examples, rendered with the chat template, or "
+        "replay text {'text': ...}).",
+    )
+    calibration_items: int = Field(128, ge=1, description="Calibration sequences, spread evenly over the sources.")
+    calibration_max_tokens: int = Field(256, ge=16, le=4096, description="Tokens kept per calibration sequence.")
 
 
 class GateStep(_Step):
@@ -41,10 +55,16 @@ class GateStep(_Step):
     step: Literal["gate"]
     text: Path = Field(description="Held-out plain text for perplexity.")
     max_perplexity_increase: float = Field(0.05, ge=0, description="Allowed relative perplexity increase.")
-    heldout: Path | None = Field(None, description="Held-out task JSONL (chat form) for exact match.")
-    task: str | None = Field(None, description="Task whose scorer is used for exact match.")
+    heldout: PathList = Field(default_factory=list, description="Held-out task JSONL files for exact match.")
+    heldout_split: Path | None = Field(
+        None, description="Training config (adapters/<name>.yaml) whose held-out split is scored too."
+    )
+    task: str | None = Field(None, description="Task whose scorer is used (default: heldout_split's task).")
+    adapter: Path | None = Field(
+        None, description="Score exact match with this adapter served unmerged (LoRA) on both models."
+    )
     max_exact_match_drop: float = Field(0.03, ge=0, le=1, description="Allowed exact-match drop (absolute).")
-    max_items: int = Field(100, ge=1, description="Held-out items scored.")
+    max_items: int = Field(300, ge=1, description="Held-out items scored (the files first, then the split).")
 
 
 class ExportStep(_Step):

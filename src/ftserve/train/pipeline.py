@@ -19,6 +19,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from ftserve.atomic import swap_dir
 from ftserve.models import ModelStore, sha256_file
 from ftserve.train.filters import FilterReport, apply_filters
 from ftserve.train.formats import DataError, Item, load_jsonl, sha256_of, write_jsonl
@@ -66,8 +67,12 @@ def preflight(config: TrainConfig, store: ModelStore) -> tuple[Path, Task | None
     return store.pull(config.base), task  # an unknown base raises here, before anything heavy
 
 
-def prepare_data(config: TrainConfig) -> PreparedData:
-    """Load, filter and split; write the splits under the run folder; fail clearly when nothing is left."""
+def split_data(config: TrainConfig) -> PreparedData:
+    """Load, filter and split (a pure function of the files and the config); fail clearly when nothing is left.
+
+    The optimize stage's quality gate calls this too, to score exactly the held-out split the adapter was
+    evaluated on.
+    """
     data = config.data
     items = load_jsonl(data.train)
     kinds = {type(item).__name__ for item in items}
@@ -96,11 +101,17 @@ def prepare_data(config: TrainConfig) -> PreparedData:
         files[str(data.general_text)] = sha256_of(data.general_text)
     if config.replay is not None:
         files[str(config.replay.file)] = sha256_of(config.replay.file)
-    split_dir = config.run_dir / "data"
-    files["split/train"] = write_jsonl(split_dir / "train.jsonl", train)
-    files["split/heldout"] = write_jsonl(split_dir / "heldout.jsonl", heldout)
-    log.info("data: %s; %d train / %d held-out", report.summary(), len(train), len(heldout))
     return PreparedData(train, heldout, extra, report, files)
+
+
+def prepare_data(config: TrainConfig) -> PreparedData:
+    """:func:`split_data`, with the splits written under the run folder (their hashes go on the card)."""
+    data = split_data(config)
+    split_dir = config.run_dir / "data"
+    data.files["split/train"] = write_jsonl(split_dir / "train.jsonl", data.train)
+    data.files["split/heldout"] = write_jsonl(split_dir / "heldout.jsonl", data.heldout)
+    log.info("data: %s; %d train / %d held-out", data.report.summary(), len(data.train), len(data.heldout))
+    return data
 
 
 def _base_identity(config: TrainConfig, model_dir: Path) -> dict[str, Any]:
@@ -151,17 +162,8 @@ def write_card(folder: Path, card: dict) -> None:
 
 
 def publish(staging: Path, target: Path) -> None:
-    """Swap the finished adapter in: the old one is moved aside first and removed only after the swap."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    incoming = target.with_name(f".{target.name}.incoming")
-    old = target.with_name(f".{target.name}.previous")
-    for leftover in (incoming, old):
-        shutil.rmtree(leftover, ignore_errors=True)
-    shutil.copytree(staging, incoming)
-    if target.exists():
-        target.rename(old)
-    incoming.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+    """Swap the finished adapter in; the staging folder stays for ``--resume`` and inspection."""
+    swap_dir(staging, target, copy=True)
 
 
 def _evaluate(config: TrainConfig, model_dir: Path, adapter: Path, data: PreparedData, task: Task | None) -> dict:

@@ -1,0 +1,167 @@
+"""``ftserve bench optimize``: one fine-tuned model in every form the optimize stage makes, in one run.
+
+Variants (one JSON row each, measured one after another on the same cores):
+
+- ``fp32`` / ``bf16``: the base model with the adapter applied unmerged (LoRA), as the service runs it
+  without the optimize stage;
+- ``merged``: the adapter folded into the weights (bf16);
+- ``int8`` / ``int4`` / ``gptq``: merged, then weight-only quantized: INT8 per channel, INT4 round-to-
+  nearest, and GPTQ 4-bit at the same group size and grid, calibrated on the adapter's train split and
+  replay text (never the held-out side).
+
+Each row: ``size_mb`` (weights in memory, the adapter included), ``perplexity`` on held-out general text,
+``exact_match`` on the task's held-out data (the hand-written file and the training config's held-out
+split, as the quality gate scores it), ``tokens_per_s_b1`` (one greedy stream) and ``tokens_per_s_b16``
+(16 at once), each request making exactly ``max_new_tokens`` tokens, EOS ignored. The summary gives
+every row against ``bf16`` (what ``make serve`` runs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ftserve.bench.engine_bench import measure_engine, warm_up, write_rows
+from ftserve.bench.variants import OptimizeBenchConfig, VariantName
+from ftserve.bench.workloads import build_scenario
+from ftserve.config import EngineConfig
+from ftserve.engine.loader import HFTokenizer, eos_token_ids, set_threads
+from ftserve.engine.lora import LoraAdapter, load_peft_adapter
+from ftserve.engine.model import ModelShape, NativeLlama, read_state
+from ftserve.engine.native import NativeEngine
+from ftserve.optimize.merge import MAX_MERGE_RANK, merge_adapter
+from ftserve.optimize.quality import lora_for, perplexity
+from ftserve.optimize.quantize import get_quantizer
+from ftserve.optimize.recipe import GateStep, QuantizeStep
+from ftserve.optimize.runner import calibration_sequences, exact_match, gate_items, task_of
+
+log = logging.getLogger(__name__)
+
+UNMERGED = ("fp32", "bf16")
+BATCH = 16  # concurrent requests of tokens_per_s_b16
+Row = dict[str, Any]
+
+
+def memory_mb(weights: dict[str, torch.Tensor], dtype: torch.dtype) -> float:
+    """What the model holds: floating tensors in the compute dtype, quantized (integer) ones as stored."""
+    sizes = (t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size()) for t in weights.values())
+    return sum(sizes) / 2**20
+
+
+def build_variant(
+    name: VariantName, config: OptimizeBenchConfig, model_dir: Path, state: dict, merged: dict
+) -> tuple[dict[str, torch.Tensor], torch.dtype]:
+    """The weights (and compute dtype) of one variant; unmerged variants return the base weights."""
+    if name in UNMERGED:
+        return state, torch.float32 if name == "fp32" else torch.bfloat16
+    if name == "merged":
+        return merged, torch.bfloat16
+    sym = config.int4_grid == "symmetric"
+    quantizer = get_quantizer(name, group_size=None if name == "int8" else config.group_size, sym=sym)
+    quantizer.check(merged)
+    calibration = None
+    if quantizer.needs_calibration:
+        step = QuantizeStep(step="quantize", method=name, calibration=[config.train_config],
+                            calibration_items=config.calibration_items)  # fmt: skip
+        shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
+        calibration = (shape, calibration_sequences(step, HFTokenizer(model_dir)))
+    return quantizer.convert(merged, quantizer.prepare(merged, calibration)), torch.bfloat16
+
+
+async def speed(
+    model: NativeLlama, model_dir: Path, adapter: LoraAdapter | None, config: OptimizeBenchConfig
+) -> tuple[float, float]:
+    """Output tokens/s of one stream and of ``BATCH`` concurrent streams."""
+    tokenizer = HFTokenizer(model_dir)
+    engine_config = EngineConfig(max_num_seqs=BATCH, max_loras=1, max_lora_rank=adapter.rank if adapter else 8)
+    engine = NativeEngine(model, tokenizer, eos_token_ids(model_dir, tokenizer), engine_config)
+    name = adapter.name if adapter is not None else None
+    await engine.start()
+    try:
+        if adapter is not None:
+            await engine.load_adapter(adapter.name, adapter.path)
+        await warm_up(engine)
+        figures = []
+        for scenario, requests in (("single", 1), ("concurrent32", BATCH)):
+            built = build_scenario(scenario, tokenizer, requests=requests, max_new_tokens=config.max_new_tokens)
+            specs = [dataclasses.replace(r, adapter=name) for r in built.requests]
+            m = await measure_engine(engine, dataclasses.replace(built, requests=specs))
+            figures.append(round(m.output_tokens / m.wall_s, 2))
+        return figures[0], figures[1]
+    finally:
+        await engine.stop()
+
+
+def measure_variant(name: VariantName, config: OptimizeBenchConfig, model_dir: Path, base: dict, merged: dict) -> Row:
+    started = time.monotonic()
+    weights, dtype = build_variant(name, config, model_dir, base, merged)
+    built_s = time.monotonic() - started
+    shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
+    model = NativeLlama(shape, weights, torch.device("cpu"), dtype)
+    adapter = None
+    if name in UNMERGED:
+        adapter = load_peft_adapter(config.adapter.name, config.adapter, shape, MAX_MERGE_RANK)
+    size = memory_mb(weights, dtype)
+    if adapter is not None:
+        size += (config.adapter / "adapter_model.safetensors").stat().st_size / 2**20
+    gate = GateStep(step="gate", text=config.text, heldout=config.heldout, heldout_split=config.train_config,
+                    max_items=config.max_items)  # fmt: skip
+    items = gate_items(gate)
+    text_ids = HFTokenizer(model_dir).encode(config.text.read_text(encoding="utf-8"))
+    b1, batched = asyncio.run(speed(model, model_dir, adapter, config))
+    return {
+        "variant": name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "adapter": "lora" if adapter is not None else "merged",
+        "size_mb": round(size, 1),
+        "perplexity": round(perplexity(model, text_ids, lora=lora_for(model, adapter) if adapter else None), 4),
+        "exact_match": exact_match(model, model_dir, task_of(gate), items, adapter),
+        "exact_match_items": len(items),
+        "tokens_per_s_b1": b1,
+        "tokens_per_s_b16": batched,
+        "build_s": round(built_s, 1),
+    }
+
+
+def run_optimize_bench(config: OptimizeBenchConfig, model_dir: Path, json_path: Path) -> list[Row]:
+    """Measure every variant, writing the rows after each; print the comparison with bf16 to stderr."""
+    threads = set_threads(None)
+    log.info("bench optimize: %s with %s on %s (%d threads)", config.variants, config.adapter, model_dir.name, threads)
+    base = read_state(model_dir)
+    merged = merge_adapter(base, model_dir, config.adapter)
+    rows: list[Row] = []
+    for name in tqdm(config.variants, desc="bench optimize", unit="variant"):
+        rows.append(measure_variant(name, config, model_dir, base, merged))
+        write_rows(json_path, rows)
+        log.info("%s: %s", name, rows[-1])
+    print(summary(rows), file=sys.stderr)
+    return rows
+
+
+def summary(rows: Sequence[Row]) -> str:
+    """One line per variant with its figures and their ratio to the bf16 row (when measured)."""
+    ref = next((r for r in rows if r["variant"] == "bf16"), None)
+    head = ["variant", "size MB", "ppl", "ppl vs bf16", "exact match", "tok/s b1", "b1 vs bf16",
+            "tok/s b16", "b16 vs bf16"]  # fmt: skip
+    lines = [head]
+    for r in rows:
+
+        def ratio(key: str, row: Row = r) -> str:
+            return f"{row[key] / ref[key]:.3f}x" if ref and ref.get(key) else "-"
+
+        em = "-" if r["exact_match"] is None else f"{r['exact_match']:.3f}"
+        lines.append([r["variant"], f"{r['size_mb']:.0f}", f"{r['perplexity']:.2f}", ratio("perplexity"), em,
+                      f"{r['tokens_per_s_b1']:.1f}", ratio("tokens_per_s_b1"), f"{r['tokens_per_s_b16']:.1f}",
+                      ratio("tokens_per_s_b16")])  # fmt: skip
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) for line in lines)
