@@ -46,7 +46,9 @@ class EngineConfig(_Strict):
         description="Engine implementation: native (continuous batching, paged KV) or simple (reference).",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Compute dtype; auto = bfloat16 on CPU and CUDA."
+        "auto",
+        description="Compute dtype; auto = bfloat16 on CUDA, on CPUs with native bf16 (AVX512-BF16, AMX) and for "
+        "weight-only quantized models, float32 otherwise.",
     )
     device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:N.")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; default one per core.")

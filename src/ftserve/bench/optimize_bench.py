@@ -4,16 +4,20 @@ Variants (one JSON row each, measured one after another on the same cores):
 
 - ``fp32`` / ``bf16``: the base model with the adapter applied unmerged (LoRA), as the service runs it
   without the optimize stage;
-- ``merged``: the adapter folded into the weights (bf16);
+- ``merged``: the adapter folded into the weights;
 - ``int8`` / ``int4`` / ``gptq``: merged, then weight-only quantized: INT8 per channel, INT4 round-to-
   nearest, and GPTQ 4-bit at the same group size and grid, calibrated on the adapter's train split and
   replay text (never the held-out side).
+
+``merged`` and the quantized variants run in the dtype ``engine.dtype: auto`` picks for them (float32 for
+dense weights on a CPU without native bf16, bf16 activations for the packed INT8/INT4 kernels); each row
+says which.
 
 Each row: ``size_mb`` (weights in memory, the adapter included), ``perplexity`` on held-out general text,
 ``exact_match`` on the task's held-out data (the hand-written file and the training config's held-out
 split, as the quality gate scores it), ``tokens_per_s_b1`` (one greedy stream) and ``tokens_per_s_b16``
 (16 at once), each request making exactly ``max_new_tokens`` tokens, EOS ignored. The summary gives
-every row against ``bf16`` (what ``make serve`` runs).
+every row against ``bf16`` and ``fp32``.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from ftserve.bench.engine_bench import measure_engine, warm_up, write_rows
 from ftserve.bench.variants import OptimizeBenchConfig, VariantName
 from ftserve.bench.workloads import build_scenario
 from ftserve.config import EngineConfig
-from ftserve.engine.loader import HFTokenizer, eos_token_ids, set_threads
+from ftserve.engine.loader import HFTokenizer, eos_token_ids, pick_dtype, set_threads
 from ftserve.engine.lora import LoraAdapter, load_peft_adapter
 from ftserve.engine.model import ModelShape, NativeLlama, read_state
 from ftserve.engine.native import NativeEngine
@@ -61,11 +65,13 @@ def memory_mb(weights: dict[str, torch.Tensor], dtype: torch.dtype) -> float:
 def build_variant(
     name: VariantName, config: OptimizeBenchConfig, model_dir: Path, state: dict, merged: dict
 ) -> tuple[dict[str, torch.Tensor], torch.dtype]:
-    """The weights (and compute dtype) of one variant; unmerged variants return the base weights."""
+    """The weights and compute dtype of one variant; unmerged variants return the base weights. ``merged`` and
+    the quantized variants run in the dtype the engine picks for them (``engine.dtype: auto``)."""
     if name in UNMERGED:
         return state, torch.float32 if name == "fp32" else torch.bfloat16
+    cpu = torch.device("cpu")
     if name == "merged":
-        return merged, torch.bfloat16
+        return merged, pick_dtype("auto", cpu)
     sym = config.int4_grid == "symmetric"
     quantizer = get_quantizer(name, group_size=None if name == "int8" else config.group_size, sym=sym)
     quantizer.check(merged)
@@ -75,7 +81,7 @@ def build_variant(
                             calibration_items=config.calibration_items)  # fmt: skip
         shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
         calibration = (shape, calibration_sequences(step, HFTokenizer(model_dir)))
-    return quantizer.convert(merged, quantizer.prepare(merged, calibration)), torch.bfloat16
+    return quantizer.convert(merged, quantizer.prepare(merged, calibration)), pick_dtype("auto", cpu, quantized=True)
 
 
 async def speed(
@@ -149,19 +155,17 @@ def run_optimize_bench(config: OptimizeBenchConfig, model_dir: Path, json_path: 
 
 
 def summary(rows: Sequence[Row]) -> str:
-    """One line per variant with its figures and their ratio to the bf16 row (when measured)."""
-    ref = next((r for r in rows if r["variant"] == "bf16"), None)
-    head = ["variant", "size MB", "ppl", "ppl vs bf16", "exact match", "tok/s b1", "b1 vs bf16",
-            "tok/s b16", "b16 vs bf16"]  # fmt: skip
+    """One line per variant: its figures, and speed and perplexity as ratios to the bf16 and fp32 rows."""
+    refs = {name: next((r for r in rows if r["variant"] == name), None) for name in ("bf16", "fp32")}
+    keys = (("perplexity", "ppl"), ("tokens_per_s_b1", "b1"), ("tokens_per_s_b16", "b16"))
+    head = ["variant", "dtype", "size MB", "exact match", *(label for _, label in keys)]
+    head += [f"{label}/{ref}" for ref in refs for _, label in keys]
     lines = [head]
     for r in rows:
-
-        def ratio(key: str, row: Row = r) -> str:
-            return f"{row[key] / ref[key]:.3f}x" if ref and ref.get(key) else "-"
-
-        em = "-" if r["exact_match"] is None else f"{r['exact_match']:.3f}"
-        lines.append([r["variant"], f"{r['size_mb']:.0f}", f"{r['perplexity']:.2f}", ratio("perplexity"), em,
-                      f"{r['tokens_per_s_b1']:.1f}", ratio("tokens_per_s_b1"), f"{r['tokens_per_s_b16']:.1f}",
-                      ratio("tokens_per_s_b16")])  # fmt: skip
+        cells = [r["variant"], r["dtype"], f"{r['size_mb']:.0f}", "-" if r["exact_match"] is None else
+                 f"{r['exact_match']:.3f}", *(f"{r[key]:.2f}" for key, _ in keys)]  # fmt: skip
+        for ref in refs.values():
+            cells += [f"{r[key] / ref[key]:.3f}" if ref and ref.get(key) else "-" for key, _ in keys]
+        lines.append(cells)
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) for line in lines)

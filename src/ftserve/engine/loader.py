@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 from pathlib import Path
 
 import torch
@@ -22,11 +23,30 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    # bf16 measured ~2x fp32 for batched decoding on this CPU and is native on recent GPUs.
-    if name == "auto":
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 / AMX on x86, the BF16 extension on Arm)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    words = set(info.split())
+    return bool(words & {"avx512_bf16", "amx_bf16"}) or (platform.machine() == "aarch64" and "bf16" in words)
+
+
+def pick_dtype(name: str, device: torch.device, quantized: bool = False) -> torch.dtype:
+    """``auto``: bfloat16 on GPUs, on CPUs with native bf16, and for weight-only quantized checkpoints (torch's
+    packed INT8/INT4 CPU kernels are fast only with bf16 activations); float32 otherwise. Measured on an
+    AVX2-only CPU: a [16, 576] x [576, 1536] matmul takes 0.42 ms in fp32 and 1.73 ms in bf16."""
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type != "cpu" or quantized or cpu_has_native_bf16():
         return torch.bfloat16
-    return _DTYPES[name]
+    return torch.float32
+
+
+def is_quantized(model_dir: Path) -> bool:
+    config = json.loads((model_dir / "config.json").read_text())
+    return "quantization_config" in config
 
 
 def set_threads(num_threads: int | None) -> int:
@@ -57,16 +77,17 @@ class HFTokenizer:
         return str(self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens))
 
 
-def prepare_runtime(config: EngineConfig) -> tuple[torch.device, torch.dtype, int]:
-    """Device, dtype and CPU threads for an engine, chosen once from its config."""
+def prepare_runtime(config: EngineConfig, model_dir: Path | None = None) -> tuple[torch.device, torch.dtype, int]:
+    """Device, dtype and CPU threads for an engine, chosen once from its config (and the model it loads)."""
     device = pick_device(config.device)
-    return device, pick_dtype(config.dtype, device), set_threads(config.num_threads)
+    quantized = model_dir is not None and is_quantized(model_dir)
+    return device, pick_dtype(config.dtype, device, quantized), set_threads(config.num_threads)
 
 
 def load_model(model_dir: Path, config: EngineConfig) -> tuple[torch.nn.Module, torch.device, torch.dtype]:
     from transformers import AutoModelForCausalLM
 
-    device, dtype, threads = prepare_runtime(config)
+    device, dtype, threads = prepare_runtime(config, model_dir)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
     log.info("loaded %s on %s as %s (%d CPU threads)", model_dir.name, device, dtype, threads)
     return model, device, dtype

@@ -50,7 +50,7 @@ class NativeEngine(LoopEngine):
 
     @classmethod
     def from_dir(cls, model_dir: Path, config: EngineConfig) -> NativeEngine:
-        device, dtype, threads = prepare_runtime(config)
+        device, dtype, threads = prepare_runtime(config, model_dir)
         model = NativeLlama.from_dir(model_dir, device, dtype)
         tokenizer = HFTokenizer(model_dir)
         eos = eos_token_ids(model_dir, tokenizer)

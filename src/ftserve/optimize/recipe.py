@@ -85,7 +85,9 @@ class Recipe(BaseModel):
     base: str = Field(DEFAULT_MODEL, description="Base model: a bundled name or a local HF folder.")
     steps: list[Step] = Field(min_length=1, description="Steps, run in order.")
     output_dir: Path = Field(Path("optimize/out"), description="The result goes to <output_dir>/<name>.")
-    dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="Compute dtype for the gate.")
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="Compute dtype of the gate; auto = what the engine picks for each model (engine.dtype)."
+    )
 
     @property
     def out(self) -> Path:

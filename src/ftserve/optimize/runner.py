@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ftserve.atomic import swap_dir
 from ftserve.config import EngineConfig
-from ftserve.engine.loader import HFTokenizer, eos_token_ids
+from ftserve.engine.loader import HFTokenizer, eos_token_ids, pick_dtype
 from ftserve.engine.lora import LoraAdapter, load_peft_adapter
 from ftserve.engine.model import ModelShape, NativeLlama, read_state
 from ftserve.engine.native import NativeEngine
@@ -116,7 +116,8 @@ def exact_match(
         return None
     task = get_task(task_name)
     tokenizer = HFTokenizer(model_dir)
-    config = EngineConfig(max_num_seqs=16, max_loras=1, max_lora_rank=adapter.rank if adapter else 8)
+    rank = adapter.rank if adapter else 8
+    config = EngineConfig(max_num_seqs=16, max_queue=len(items), max_loras=1, max_lora_rank=rank)
     engine = NativeEngine(model, tokenizer, eos_token_ids(model_dir, tokenizer), config)
     params = SamplingParams(max_tokens=48, temperature=0.0)
 
@@ -139,12 +140,13 @@ def exact_match(
 
 
 def evaluate_state(
-    state: dict[str, torch.Tensor], model_dir: Path, step: GateStep, dtype: torch.dtype, items: list[Example]
+    state: dict[str, torch.Tensor], model_dir: Path, step: GateStep, dtype: str, items: list[Example]
 ) -> dict:
     """Perplexity on the gate's text and exact match on ``items`` of the model in ``state`` (with the gate's
-    adapter applied unmerged, if it names one)."""
+    adapter applied unmerged, if it names one), in ``dtype`` (``auto``: what the engine would pick)."""
     shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
-    model = NativeLlama(shape, state, torch.device("cpu"), dtype)
+    cpu = torch.device("cpu")
+    model = NativeLlama(shape, state, cpu, pick_dtype(dtype, cpu, quantized=any(k.endswith(".qweight") for k in state)))
     ids = HFTokenizer(model_dir).encode(step.text.read_text(encoding="utf-8"))
     adapter = None
     if step.adapter is not None:
@@ -153,6 +155,7 @@ def evaluate_state(
         "perplexity": perplexity(model, ids, lora=lora_for(model, adapter) if adapter else None),
         "exact_match": exact_match(model, model_dir, task_of(step), items, adapter),
         "items": len(items),
+        "dtype": str(model.dtype).removeprefix("torch."),
     }
 
 
@@ -177,7 +180,6 @@ def run_recipe(recipe: Recipe, store: ModelStore) -> dict[str, Any]:
     model_dir = store.pull(recipe.base)
     state = read_state(model_dir)
     preflight(recipe, state)
-    dtype = torch.bfloat16 if recipe.dtype == "bfloat16" else torch.float32
     recipe.output_dir.mkdir(parents=True, exist_ok=True)
     staging = recipe.output_dir / f".{recipe.name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
@@ -209,8 +211,8 @@ def run_recipe(recipe: Recipe, store: ModelStore) -> dict[str, Any]:
                 if path is not None:
                     manifest["inputs"][str(path)] = sha256_file(_weights_file(path))
             items = gate_items(step)
-            ref_metrics = evaluate_state(reference, model_dir, step, dtype, items)
-            cur_metrics = evaluate_state(state, model_dir, step, dtype, items)
+            ref_metrics = evaluate_state(reference, model_dir, step, recipe.dtype, items)
+            cur_metrics = evaluate_state(state, model_dir, step, recipe.dtype, items)
             failed = gate_verdict(step, ref_metrics, cur_metrics)
             breaches += failed
             record |= {"reference": ref_metrics, "measured": cur_metrics, "passed": not failed, "breaches": failed}
