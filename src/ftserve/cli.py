@@ -28,7 +28,8 @@ def _comma_list(value: str) -> list[str]:
 
 
 def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
-    """One ``--field-name`` option per scalar, ``Literal`` or list field, help from the field's description.
+    """One ``--field-name`` option per scalar, ``Literal`` or list field (``--x/--no-x`` for booleans), help
+    from the field's description.
 
     ``Literal`` fields become choices; list fields take comma-separated values (the model validates them).
     """
@@ -40,6 +41,8 @@ def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel]) -
         kwargs: dict[str, Any] = {}
         if annotation in (str, int, float, Path):
             kwargs["type"] = annotation
+        elif annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(annotation) is typing.Literal:
             kwargs["choices"] = list(typing.get_args(annotation))
         elif typing.get_origin(annotation) is list:

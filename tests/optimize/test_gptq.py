@@ -6,32 +6,55 @@ import dataclasses
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from ftserve.engine.model import ModelShape, read_state
 from ftserve.engine.qlinear import dequantize_int4, pack_int4
-from ftserve.optimize.gptq import gptq_model, gptq_quantize, run_decoder
-from ftserve.optimize.quantize import get_quantizer
+from ftserve.optimize.gptq import GPTQSettings, gptq_model, gptq_quantize, run_decoder
+from ftserve.optimize.quantize import get_quantizer, int4_params, quantize_int4_with
 
 
 def output_error(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
     return float(((x @ w.T - x @ w_hat.T) ** 2).mean())
 
 
-def test_gptq_beats_round_to_nearest_on_correlated_inputs() -> None:
+@pytest.mark.parametrize(
+    "settings",
+    [GPTQSettings(), GPTQSettings(sym=True), GPTQSettings(sym=True, act_order=True),
+     GPTQSettings(act_order=True, clip_search=True)],
+    ids=["asym", "sym", "sym-act-order", "act-order-clip"],
+)  # fmt: skip
+def test_gptq_beats_round_to_nearest_on_correlated_inputs(settings: GPTQSettings) -> None:
+    """Same bits, group size and grid (and clip search) as RTN; lower layer output error."""
     gen = torch.Generator().manual_seed(0)
     n, k, samples = 64, 256, 2048
     mix = torch.randn(k, k, generator=gen) / k**0.5 + torch.eye(k)  # correlated features, like activations
-    x = torch.randn(samples, k, generator=gen) @ mix
+    scale = torch.linspace(0.2, 3.0, k)[torch.randperm(k, generator=gen)]  # inputs of unequal energy
+    x = (torch.randn(samples, k, generator=gen) @ mix) * scale
     w = torch.randn(n, k, generator=gen) * 0.05
     hessian = 2 * x.T @ x / samples
-    q, scales, zeros = gptq_quantize(w, hessian, group_size=64)
+    q, scales, zeros = gptq_quantize(w, hessian, settings)
     assert q.min() >= 0 and q.max() <= 15 and scales.shape == (n, 4)
+    if settings.sym:
+        assert torch.count_nonzero(zeros) == 0
     w_gptq = dequantize_int4(pack_int4(q), scales, zeros)
-    rtn = get_quantizer("int4", group_size=64).quantize_weight("w", w, {})
-    w_rtn = dequantize_int4(rtn["qweight"], rtn["scales"], rtn["zeros"])
+    rtn_scales, rtn_zeros = int4_params(w, 64, settings.sym, settings.clip_search)
+    w_rtn = dequantize_int4(pack_int4(quantize_int4_with(w, rtn_scales, rtn_zeros)), rtn_scales, rtn_zeros)
     err_gptq, err_rtn = output_error(x, w, w_gptq), output_error(x, w, w_rtn)
     assert err_gptq < 0.8 * err_rtn, (err_gptq, err_rtn)
+
+
+def test_clip_search_never_rounds_worse_than_the_full_range() -> None:
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(3))
+    w[0, 0] = 8.0  # an outlier: clipping it lets the rest of its group round finer
+    for sym in (True, False):
+        errors = []
+        for clip in (False, True):
+            scales, zeros = int4_params(w, 64, sym, clip)
+            errors.append(((dequantize_int4(pack_int4(quantize_int4_with(w, scales, zeros)), scales, zeros) - w) ** 2)
+                          .view(32, 2, 64).sum(-1))  # fmt: skip
+        assert bool((errors[1] <= errors[0] + 1e-6).all()) and bool((errors[1] < errors[0]).any())
 
 
 def test_dead_inputs_do_not_break_the_factorisation() -> None:
@@ -39,7 +62,7 @@ def test_dead_inputs_do_not_break_the_factorisation() -> None:
     x = torch.randn(512, 128, generator=gen)
     x[:, 5] = 0.0
     w = torch.randn(16, 128, generator=gen)
-    q, _, _ = gptq_quantize(w, 2 * x.T @ x / 512, group_size=64)
+    q, _, _ = gptq_quantize(w, 2 * x.T @ x / 512, GPTQSettings(group_size=64, act_order=True))
     assert torch.isfinite(q.float()).all()
 
 
@@ -67,7 +90,7 @@ def test_sequential_gptq_replaces_each_projection_once_and_beats_rtn_on_layer_ou
     )
     gen = torch.Generator().manual_seed(0)
     seqs = [torch.randint(100, 20000, (48,), generator=gen).tolist() for _ in range(12)]
-    quantized = gptq_model(shape, state, seqs, group_size=64, damp=0.01)
+    quantized = gptq_model(shape, state, seqs, GPTQSettings(group_size=64))
     assert len(quantized) == 2 * 7
     rtn = get_quantizer("int4", group_size=64)
 

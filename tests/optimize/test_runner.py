@@ -14,9 +14,10 @@ from ftserve.engine.loader import HFTokenizer
 from ftserve.engine.model import NativeLlama, read_state
 from ftserve.engine.qlinear import Int8Linear
 from ftserve.models import ModelStore
+from ftserve.optimize.calibration import calibration_sequences
 from ftserve.optimize.quantize import QuantizeError
 from ftserve.optimize.recipe import QuantizeStep, Recipe, load_recipe
-from ftserve.optimize.runner import GateFailed, calibration_sequences, run_recipe
+from ftserve.optimize.runner import GateFailed, run_recipe
 from ftserve.train.formats import Example, write_jsonl
 from ftserve.train.pipeline import split_data
 from ftserve.train.replay import write_replay
@@ -86,6 +87,9 @@ def test_a_breached_gate_fails_and_leaves_the_ready_artifact_alone(inputs: Path,
         ({"step": "quantize", "method": "int3"}, QuantizeError, "known: "),
         ({"step": "quantize", "method": "int4", "group_size": 128}, QuantizeError, "576"),
         ({"step": "merge", "adapter": "/nowhere"}, ValueError, "nowhere"),
+        ({"step": "quantize", "method": "int8", "act_order": True}, QuantizeError, "act_order"),
+        ({"step": "quantize", "method": "gptq", "group_size": 64}, ValueError, "calibration"),
+        ({"step": "gate", "text": "/nowhere.txt"}, ValueError, "nowhere"),
     ],
 )
 def test_bad_steps_fail_before_any_heavy_work(

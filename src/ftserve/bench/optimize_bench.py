@@ -43,11 +43,12 @@ from ftserve.engine.loader import HFTokenizer, eos_token_ids, pick_dtype, set_th
 from ftserve.engine.lora import LoraAdapter, load_peft_adapter
 from ftserve.engine.model import ModelShape, NativeLlama, read_state
 from ftserve.engine.native import NativeEngine
+from ftserve.optimize.calibration import calibration_sequences
+from ftserve.optimize.gate import exact_match, gate_items, task_of
 from ftserve.optimize.merge import MAX_MERGE_RANK, merge_adapter
 from ftserve.optimize.quality import lora_for, perplexity
-from ftserve.optimize.quantize import get_quantizer
 from ftserve.optimize.recipe import GateStep, QuantizeStep
-from ftserve.optimize.runner import calibration_sequences, exact_match, gate_items, task_of
+from ftserve.optimize.runner import quantizer_for
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +73,18 @@ def build_variant(
     cpu = torch.device("cpu")
     if name == "merged":
         return merged, pick_dtype("auto", cpu)
-    sym = config.int4_grid == "symmetric"
-    quantizer = get_quantizer(name, group_size=None if name == "int8" else config.group_size, sym=sym)
+    four_bit = name != "int8"
+    step = QuantizeStep(
+        step="quantize", method=name, group_size=config.group_size if four_bit else None,
+        sym=config.int4_grid == "symmetric", clip_search=name == "gptq" and config.clip_search,
+        act_order=name == "gptq" and config.act_order, damp=config.damp if name == "gptq" else None,
+        calibration=[config.train_config],
+        calibration_items=config.calibration_items,
+    )  # fmt: skip
+    quantizer = quantizer_for(step)
     quantizer.check(merged)
     calibration = None
     if quantizer.needs_calibration:
-        step = QuantizeStep(step="quantize", method=name, calibration=[config.train_config],
-                            calibration_items=config.calibration_items)  # fmt: skip
         shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
         calibration = (shape, calibration_sequences(step, HFTokenizer(model_dir)))
     return quantizer.convert(merged, quantizer.prepare(merged, calibration)), pick_dtype("auto", cpu, quantized=True)

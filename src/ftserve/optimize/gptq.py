@@ -17,6 +17,7 @@ Projections that read the same input (q/k/v, gate/up) share one Hessian.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -42,31 +43,52 @@ PROJECTIONS = (
 OnInputs = Callable[[int, str, list[torch.Tensor]], dict[str, torch.Tensor]]
 
 
+@dataclass(frozen=True)
+class GPTQSettings:
+    group_size: int = 64
+    sym: bool = False  # symmetric grid (zero point 8), what vLLM's GPTQ kernels take
+    damp: float = 0.01  # fraction of the mean Hessian diagonal added to it
+    act_order: bool = False  # columns in order of decreasing Hessian diagonal, groups fixed up front
+    clip_search: bool = False  # per-group range shrink that minimises rounding error (see int4_params)
+
+
 def gptq_quantize(
-    w: torch.Tensor, hessian: torch.Tensor, group_size: int, damp: float = 0.01, sym: bool = False
+    w: torch.Tensor, hessian: torch.Tensor, settings: GPTQSettings
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return (q 0..15 int32 [N, K], scales [N, K/g], zeros [N, K/g]) with W ≈ (q - 8) * scale + zero."""
+    """Return (q 0..15 int32 [N, K], scales [N, K/g], zeros [N, K/g]) with W ≈ (q - 8) * scale + zero.
+
+    With ``act_order`` the columns with the largest Hessian diagonal (the inputs with the most energy) are
+    quantized first, while the most columns are left to absorb their error; the groups' grids are then
+    fixed from the weights before any update ("static groups"), so groups stay contiguous in the original
+    column order and the checkpoint layout does not change.
+    """
+    g = settings.group_size
     w = w.float().clone()
     n, k = w.shape
     h = hessian.float().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0  # inputs that never fire: any value works, keep H invertible
     w[:, dead] = 0.0
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(k)  # dampening, as in the paper
+    h += settings.damp * torch.mean(torch.diag(h)) * torch.eye(k)  # dampening, as in the paper
+    scales = torch.zeros(n, k // g)
+    zeros = torch.zeros(n, k // g)
+    order = list(range(k))
+    if settings.act_order:
+        scales, zeros = int4_params(w, g, settings.sym, settings.clip_search)
+        perm = torch.argsort(torch.diag(h), descending=True)
+        w, h, order = w[:, perm], h[perm][:, perm], perm.tolist()
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     q_all = torch.zeros(n, k, dtype=torch.int32)
-    scales = torch.zeros(n, k // group_size)
-    zeros = torch.zeros(n, k // group_size)
     for i1 in range(0, k, BLOCK):
         i2 = min(i1 + BLOCK, k)
         w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1), hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = i1 + i
-            if col % group_size == 0:  # new group: its grid from the weights as updated so far
-                group = w1[:, i : i + group_size] if i + group_size <= i2 - i1 else w[:, col : col + group_size]
-                s_g, z_g = int4_params(group, group_size, sym)
-                scales[:, col // group_size], zeros[:, col // group_size] = s_g[:, 0], z_g[:, 0]
-            s, z = scales[:, col // group_size], zeros[:, col // group_size]
+            col = order[i1 + i]  # the column in the original order
+            if not settings.act_order and col % g == 0:  # new group: its grid from the weights updated so far
+                group = w1[:, i : i + g] if i + g <= i2 - i1 else w[:, col : col + g]
+                s_g, z_g = int4_params(group, g, settings.sym, settings.clip_search)
+                scales[:, col // g], zeros[:, col // g] = s_g[:, 0], z_g[:, 0]
+            s, z = scales[:, col // g], zeros[:, col // g]
             q = torch.round((w1[:, i] - z) / s + 8).clamp(0, 15)
             q_all[:, col] = q.to(torch.int32)
             # Rounding error of this column, scaled by its inverse-Hessian pivot, is pushed onto the later
@@ -140,25 +162,21 @@ def _decoder_layer(
 
 
 def gptq_model(
-    shape: ModelShape,
-    state: dict[str, torch.Tensor],
-    seqs: list[list[int]],
-    group_size: int,
-    damp: float = 0.01,
-    sym: bool = False,
+    shape: ModelShape, state: dict[str, torch.Tensor], seqs: list[list[int]], settings: GPTQSettings
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(q, scales, zeros) for every decoder projection, quantized sequentially (see the module docstring)."""
     results: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    g = settings.group_size
 
     def quantize_inputs(layer: int, key: str, xs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         hessian = hessian_of(xs)
         replaced = {}
         for name in dict(PROJECTIONS)[key]:
             full = f"model.layers.{layer}.{name}.weight"
-            q, scales, zeros = gptq_quantize(state[full], hessian, group_size, damp, sym)
+            q, scales, zeros = gptq_quantize(state[full], hessian, settings)
             results[full] = (q, scales, zeros)
             n, k = q.shape
-            replaced[full] = ((q.float() - 8).view(n, -1, group_size) * scales[..., None] + zeros[..., None]).view(n, k)
+            replaced[full] = ((q.float() - 8).view(n, -1, g) * scales[..., None] + zeros[..., None]).view(n, k)
         return replaced
 
     run_decoder(shape, state, seqs, quantize_inputs)
@@ -173,9 +191,16 @@ class GPTQQuantizer(Quantizer):
     bits = 4
     needs_calibration: ClassVar[bool] = True
 
-    def __init__(self, group_size: int | None = 64, sym: bool = False, damp: float = 0.01) -> None:
+    def __init__(
+        self,
+        group_size: int | None = 64,
+        sym: bool = False,
+        damp: float = 0.01,
+        act_order: bool = False,
+        clip_search: bool = False,
+    ) -> None:
         super().__init__(group_size or 64, sym)
-        self.damp = damp
+        self.settings = GPTQSettings(group_size or 64, sym, damp, act_order, clip_search)
 
     def check(self, state: dict[str, torch.Tensor]) -> None:
         check_group_size((tuple(state[k].shape) for k in self.targets(state)), self.group_size or 64)
@@ -185,11 +210,13 @@ class GPTQQuantizer(Quantizer):
         if not calibration or not calibration[1]:
             raise QuantizeError("gptq needs calibration sequences")
         shape, seqs = calibration
-        return {"quantized": gptq_model(shape, state, seqs, self.group_size or 64, self.damp, self.sym)}
+        return {"quantized": gptq_model(shape, state, seqs, self.settings)}
 
     def quantize_weight(self, name: str, w: torch.Tensor, prepared: dict[str, Any]) -> dict[str, torch.Tensor]:
         q, scales, zeros = prepared["quantized"][name]
         return {"qweight": pack_int4(q), "scales": scales, "zeros": zeros}
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "damp": self.damp, "calibration": "sequential, adapter training data"}
+        s = self.settings
+        return {**super().config(), "damp": s.damp, "act_order": s.act_order, "clip_search": s.clip_search,
+                "calibration": "sequential, adapter training data"}  # fmt: skip

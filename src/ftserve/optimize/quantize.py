@@ -32,20 +32,42 @@ def quantize_int8(w: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"qweight": q, "scales": scales}
 
 
-def int4_params(w: torch.Tensor, group_size: int, sym: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(9))  # 1.0 … 0.8: range shrink factors tried by clip search
+
+
+def int4_params(
+    w: torch.Tensor, group_size: int, sym: bool = False, clip_search: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group 4-bit (scale, zero) with W ≈ (q - 8) * scale + zero, q in 0..15.
 
     Asymmetric (default): the range always includes 0 and the zero point is an integer (zero = scale *
     (8 - zp)), i.e. W ≈ scale * (q - zp), the grid of GPTQ checkpoints, so exports to that layout are exact.
     Symmetric: zp = 8 (zero = 0), scale = 2·max|w| / 15, GPTQ's ``sym: true`` grid (what vLLM's GPTQ
-    kernels take).
+    kernels take). ``clip_search`` shrinks each group's range by the factor in :data:`CLIP_RATIOS` that
+    gives the least squared rounding error (outliers clipped, the rest rounded finer).
     """
     n, k = w.shape
     groups = w.float().view(n, k // group_size, group_size)
+    if not clip_search:
+        return _grid(groups, sym, 1.0)
+    candidates = [_grid(groups, sym, ratio) for ratio in CLIP_RATIOS]
+    errors = torch.stack([_rounding_error(groups, scales, zeros) for scales, zeros in candidates])
+    pick = errors.argmin(dim=0, keepdim=True)  # [1, N, groups]: the best ratio per group
+    scales = torch.stack([c[0] for c in candidates]).gather(0, pick)[0]
+    zeros = torch.stack([c[1] for c in candidates]).gather(0, pick)[0]
+    return scales, zeros
+
+
+def _rounding_error(groups: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    q = torch.round((groups - zeros[..., None]) / scales[..., None] + 8).clamp(0, 15)
+    return (((q - 8) * scales[..., None] + zeros[..., None] - groups) ** 2).sum(-1)
+
+
+def _grid(groups: torch.Tensor, sym: bool, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
     if sym:
-        scales = (2 * groups.abs().amax(dim=-1) / 15.0).clamp(min=1e-8)
+        scales = (2 * groups.abs().amax(dim=-1) * ratio / 15.0).clamp(min=1e-8)
         return scales, torch.zeros_like(scales)
-    lo, hi = groups.amin(dim=-1).clamp(max=0), groups.amax(dim=-1).clamp(min=0)
+    lo, hi = groups.amin(dim=-1).clamp(max=0) * ratio, groups.amax(dim=-1).clamp(min=0) * ratio
     scales = ((hi - lo) / 15.0).clamp(min=1e-8)
     zero_point = torch.round(-lo / scales).clamp(0, 15)
     return scales, scales * (8 - zero_point)
@@ -130,7 +152,10 @@ def get_quantizer(name: str, **settings: Any) -> Quantizer:
         cls = QUANTIZERS[name]
     except KeyError:
         raise QuantizeError(f"unknown quantizer {name!r}; known: {', '.join(sorted(QUANTIZERS))}") from None
-    return cls(**settings)
+    try:
+        return cls(**settings)
+    except TypeError as exc:
+        raise QuantizeError(f"quantizer {name}: {exc}") from None
 
 
 @register
@@ -156,13 +181,14 @@ class Int4Quantizer(Quantizer):
     name = "int4"
     bits = 4
 
-    def __init__(self, group_size: int | None = 64, sym: bool = False) -> None:
+    def __init__(self, group_size: int | None = 64, sym: bool = False, clip_search: bool = False) -> None:
         super().__init__(group_size or 64, sym)
+        self.clip_search = clip_search
 
     def check(self, state: dict[str, torch.Tensor]) -> None:
         check_group_size((tuple(state[k].shape) for k in self.targets(state)), self.group_size or 64)
 
     def quantize_weight(self, name: str, w: torch.Tensor, prepared: dict[str, Any]) -> dict[str, torch.Tensor]:
         g = self.group_size or 64
-        scales, zeros = int4_params(w, g, self.sym)
+        scales, zeros = int4_params(w, g, self.sym, self.clip_search)
         return {"qweight": pack_int4(quantize_int4_with(w, scales, zeros)), "scales": scales, "zeros": zeros}

@@ -39,6 +39,9 @@ class QuantizeStep(_Step):
     method: str = Field(description="Registered quantizer: int8, int4, gptq.")
     group_size: int | None = Field(None, description="Input columns per scale (int4/gptq; 32 or 64 for SmolLM2).")
     sym: bool = Field(False, description="int4/gptq: symmetric grid (no zero points; needed for the vllm export).")
+    clip_search: bool = Field(False, description="int4/gptq: per-group range shrink minimising rounding error.")
+    act_order: bool = Field(False, description="gptq: columns by decreasing Hessian diagonal, static groups.")
+    damp: float | None = Field(None, gt=0, le=1, description="gptq: Hessian dampening (fraction of mean diagonal).")
     calibration: PathList = Field(
         default_factory=list,
         description="Calibration data for methods that need it: training configs (adapters/<name>.yaml: its "
@@ -65,6 +68,10 @@ class GateStep(_Step):
     )
     max_exact_match_drop: float = Field(0.03, ge=0, le=1, description="Allowed exact-match drop (absolute).")
     max_items: int = Field(300, ge=1, description="Held-out items scored (the files first, then the split).")
+
+    def inputs(self) -> list[Path]:
+        """Files and folders the gate reads (their hashes go into the manifest)."""
+        return [p for p in (self.text, *self.heldout, self.heldout_split, self.adapter) if p is not None]
 
 
 class ExportStep(_Step):
