@@ -43,12 +43,11 @@ from ftserve.engine.loader import HFTokenizer, eos_token_ids, pick_dtype, set_th
 from ftserve.engine.lora import LoraAdapter, load_peft_adapter
 from ftserve.engine.model import ModelShape, NativeLlama, read_state
 from ftserve.engine.native import NativeEngine
-from ftserve.optimize.calibration import calibration_sequences
 from ftserve.optimize.gate import exact_match, gate_items, task_of
 from ftserve.optimize.merge import MAX_MERGE_RANK, merge_adapter
 from ftserve.optimize.quality import lora_for, perplexity
 from ftserve.optimize.recipe import GateStep, QuantizeStep
-from ftserve.optimize.runner import quantizer_for
+from ftserve.optimize.runner import quantize, quantizer_for
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +80,9 @@ def build_variant(
         calibration=[config.train_config],
         calibration_items=config.calibration_items,
     )  # fmt: skip
-    quantizer = quantizer_for(step)
-    quantizer.check(merged)
-    calibration = None
-    if quantizer.needs_calibration:
-        shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
-        calibration = (shape, calibration_sequences(step, HFTokenizer(model_dir)))
-    return quantizer.convert(merged, quantizer.prepare(merged, calibration)), pick_dtype("auto", cpu, quantized=True)
+    quantizer_for(step).check(merged)
+    quantized, _ = quantize(step, merged, model_dir)
+    return quantized, pick_dtype("auto", cpu, quantized=True)
 
 
 async def speed(
