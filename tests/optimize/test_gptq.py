@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import pytest
@@ -71,7 +70,7 @@ def test_the_calibration_decoder_is_the_model(model_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     state = read_state(model_dir)
-    shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
+    shape = ModelShape.from_dir(model_dir)
     seqs = [[1, 504, 3458, 314, 260, 2613, 28], [1, 2113, 11, 919]]
     hidden = run_decoder(shape, state, seqs)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -85,9 +84,7 @@ def test_the_calibration_decoder_is_the_model(model_dir: Path) -> None:
 def test_sequential_gptq_replaces_each_projection_once_and_beats_rtn_on_layer_output(model_dir: Path) -> None:
     """Every projection of a (two-layer) model is quantized once; layer outputs beat round-to-nearest."""
     state = read_state(model_dir)
-    shape = dataclasses.replace(
-        ModelShape.from_config(json.loads((model_dir / "config.json").read_text())), num_layers=2
-    )
+    shape = dataclasses.replace(ModelShape.from_dir(model_dir), num_layers=2)
     gen = torch.Generator().manual_seed(0)
     seqs = [torch.randint(100, 20000, (48,), generator=gen).tolist() for _ in range(12)]
     quantized = gptq_model(shape, state, seqs, GPTQSettings(group_size=64))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 import pytest
@@ -23,10 +22,6 @@ from ftserve.optimize.quantize import get_quantizer
 
 CPU = torch.device("cpu")
 QUESTIONS = ["What is the capital of France?", "Name three colours.", "How do bees make honey?", "Say hi."]
-
-
-def model_shape(model_dir: Path) -> ModelShape:
-    return ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
 
 
 TEXT = (
@@ -92,7 +87,7 @@ def test_lora_scored_unmerged_equals_the_merged_model(model_dir: Path, tmp_path:
     make_random_adapters(model_dir, tmp_path, ["r8"], seed=3)
     ids = HFTokenizer(model_dir).encode(TEXT)
     state = read_state(model_dir)
-    base = NativeLlama(model_shape(model_dir), state, CPU, torch.float32)
+    base = NativeLlama(ModelShape.from_dir(model_dir), state, CPU, torch.float32)
     adapter = load_peft_adapter("r8", tmp_path / "r8", base.shape, 64)
     merged = NativeLlama(base.shape, merge_adapter(state, model_dir, tmp_path / "r8"), CPU, torch.float32)
     unmerged = perplexity(base, ids, lora=lora_for(base, adapter))

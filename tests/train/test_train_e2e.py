@@ -93,7 +93,7 @@ def test_sft_publishes_safetensors_adapter_with_card(sft_card: dict, workspace: 
         assert 0.0 <= metrics["extra.rouge_l"] <= 1.0
         assert metrics["general_perplexity"] > 1.0
     # The adapter fits the native engine that serves it.
-    shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
+    shape = ModelShape.from_dir(model_dir)
     adapter = load_peft_adapter("router", folder, shape, max_rank=8)
     assert adapter.rank == 4
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import sys
 import time
@@ -113,7 +112,7 @@ def measure_variant(name: VariantName, config: OptimizeBenchConfig, model_dir: P
     started = time.monotonic()
     weights, dtype = build_variant(name, config, model_dir, base, merged)
     built_s = time.monotonic() - started
-    shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
+    shape = ModelShape.from_dir(model_dir)
     model = NativeLlama(shape, weights, torch.device("cpu"), dtype)
     adapter = None
     if name in UNMERGED:

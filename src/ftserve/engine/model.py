@@ -42,6 +42,11 @@ class ModelShape:
     tie_word_embeddings: bool
 
     @classmethod
+    def from_dir(cls, model_dir: Path) -> ModelShape:
+        """The shape of an HF model folder (its ``config.json``)."""
+        return cls.from_config(json.loads((model_dir / "config.json").read_text()))
+
+    @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> ModelShape:
         archs = cfg.get("architectures") or []
         if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
@@ -188,9 +193,7 @@ class NativeLlama:
 
     @classmethod
     def from_dir(cls, model_dir: Path, device: torch.device, dtype: torch.dtype) -> NativeLlama:
-        cfg = json.loads((model_dir / "config.json").read_text())
-        shape = ModelShape.from_config(cfg)
-        return cls(shape, read_state(model_dir), device, dtype)
+        return cls(ModelShape.from_dir(model_dir), read_state(model_dir), device, dtype)
 
     # -- forward ---------------------------------------------------------------------------------------
 

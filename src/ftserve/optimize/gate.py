@@ -9,7 +9,6 @@ trained on), greedy, by the task's own scorer.
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 import torch
@@ -92,7 +91,7 @@ def evaluate_state(
 ) -> dict:
     """Perplexity on the gate's text and exact match on ``items`` of the model in ``state`` (with the gate's
     adapter applied unmerged, if it names one), in ``dtype`` (``auto``: what the engine would pick)."""
-    shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
+    shape = ModelShape.from_dir(model_dir)
     cpu = torch.device("cpu")
     model = NativeLlama(shape, state, cpu, pick_dtype(dtype, cpu, quantized=any(k.endswith(".qweight") for k in state)))
     ids = HFTokenizer(model_dir).encode(step.text.read_text(encoding="utf-8"))

@@ -23,7 +23,7 @@ MAX_MERGE_RANK = 1024
 
 def merge_adapter(state: dict[str, torch.Tensor], model_dir: Path, adapter_dir: Path) -> dict[str, torch.Tensor]:
     """A new state dict with the adapter folded in (fp32 accumulation, stored in the weights' dtype)."""
-    shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
+    shape = ModelShape.from_dir(model_dir)
     adapter = load_peft_adapter(adapter_dir.name, adapter_dir, shape, MAX_MERGE_RANK)
     merged = dict(state)
     for (layer, target), (a, b) in adapter.weights.items():

@@ -128,7 +128,7 @@ def quantize(step: QuantizeStep, state: dict[str, torch.Tensor], model_dir: Path
     quantizer = quantizer_for(step)
     calibration = None
     if quantizer.needs_calibration:
-        shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
+        shape = ModelShape.from_dir(model_dir)
         calibration = (shape, calibration_sequences(step, HFTokenizer(model_dir)))
     return quantizer.convert(state, quantizer.prepare(state, calibration)), quantizer.config()
 
