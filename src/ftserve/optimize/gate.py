@@ -19,7 +19,7 @@ from ftserve.engine.lora import LoraAdapter, load_peft_adapter
 from ftserve.engine.model import ModelShape, NativeLlama
 from ftserve.engine.native import NativeEngine
 from ftserve.engine.request import GenerationRequest, SamplingParams
-from ftserve.optimize.merge import MAX_MERGE_RANK
+from ftserve.optimize.merge import MAX_MERGE_RANK, check_adapter
 from ftserve.optimize.quality import lora_for, perplexity
 from ftserve.optimize.recipe import GateStep
 from ftserve.train.formats import DataError, Example, load_jsonl
@@ -32,8 +32,8 @@ def check_gate(step: GateStep) -> None:
     for path in (step.text, *step.heldout, step.heldout_split):
         if path is not None and not path.is_file():
             raise DataError(f"gate: {str(path)!r} does not exist")
-    if step.adapter is not None and not (step.adapter / "adapter_model.safetensors").is_file():
-        raise DataError(f"gate: adapter {str(step.adapter)!r} has no adapter_model.safetensors")
+    if step.adapter is not None:
+        check_adapter("gate", step.adapter)
     task = task_of(step)
     if (step.heldout or step.heldout_split) and task is None:
         raise DataError("gate: exact match needs a task (task: ..., or a heldout_split config with one)")

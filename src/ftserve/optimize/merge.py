@@ -15,10 +15,17 @@ from safetensors.torch import save_file
 
 from ftserve.engine.lora import load_peft_adapter
 from ftserve.engine.model import ModelShape
+from ftserve.train.formats import DataError
 
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "chat_template.jinja", "special_tokens_map.json")  # fmt: skip
 MAX_MERGE_RANK = 1024
+
+
+def check_adapter(what: str, adapter: Path) -> None:
+    """Refuse, before any heavy work, an adapter folder without safetensors weights."""
+    if not (adapter / "adapter_model.safetensors").is_file():
+        raise DataError(f"{what}: adapter {str(adapter)!r} has no adapter_model.safetensors")
 
 
 def merge_adapter(state: dict[str, torch.Tensor], model_dir: Path, adapter_dir: Path) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ from ftserve.models import ModelStore, sha256_file
 from ftserve.optimize.calibration import calibration_sequences
 from ftserve.optimize.export import check_export, export
 from ftserve.optimize.gate import check_gate, run_gate
-from ftserve.optimize.merge import merge_adapter
+from ftserve.optimize.merge import check_adapter, merge_adapter
 from ftserve.optimize.quantize import Quantizer, get_quantizer
 from ftserve.optimize.recipe import ExportStep, GateStep, MergeStep, QuantizeStep, Recipe
 from ftserve.train.formats import DataError
@@ -47,7 +47,7 @@ def preflight(recipe: Recipe, state: dict[str, torch.Tensor]) -> None:
     quant = None
     for step in recipe.steps:
         if isinstance(step, MergeStep):
-            _check_adapter("merge", step.adapter)
+            check_adapter("merge", step.adapter)
         elif isinstance(step, QuantizeStep):
             quant = _check_quantize(step, state)
         elif isinstance(step, GateStep):
@@ -62,11 +62,6 @@ def quantizer_for(step: QuantizeStep) -> Quantizer:
     return get_quantizer(
         step.method, group_size=step.group_size, sym=step.sym, **{k: v for k, v in optional.items() if v}
     )
-
-
-def _check_adapter(what: str, adapter: Path) -> None:
-    if not (adapter / "adapter_model.safetensors").is_file():
-        raise DataError(f"{what}: adapter {str(adapter)!r} has no adapter_model.safetensors")
 
 
 def _check_quantize(step: QuantizeStep, state: dict[str, torch.Tensor]) -> dict[str, Any]:
