@@ -28,6 +28,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +43,11 @@ from ftserve.engine.loader import HFTokenizer, eos_token_ids, pick_dtype, set_th
 from ftserve.engine.lora import LoraAdapter, load_peft_adapter
 from ftserve.engine.model import ModelShape, NativeLlama, read_state
 from ftserve.engine.native import NativeEngine
-from ftserve.optimize.gate import exact_match, gate_items, task_of
+from ftserve.optimize.gate import gate_items, score, task_of
 from ftserve.optimize.merge import MAX_MERGE_RANK, merge_adapter
-from ftserve.optimize.quality import lora_for, perplexity
 from ftserve.optimize.recipe import GateStep, QuantizeStep
 from ftserve.optimize.runner import quantize, quantizer_for
+from ftserve.train.formats import Example
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,18 @@ async def speed(
         await engine.stop()
 
 
-def measure_variant(name: VariantName, config: OptimizeBenchConfig, model_dir: Path, base: dict, merged: dict) -> Row:
+@dataclass(frozen=True)
+class HeldOut:
+    """What every variant is scored on, read once per run."""
+
+    text_ids: list[int]
+    task: str | None
+    items: list[Example]
+
+
+def measure_variant(
+    name: VariantName, config: OptimizeBenchConfig, model_dir: Path, base: dict, merged: dict, heldout: HeldOut
+) -> Row:
     started = time.monotonic()
     weights, dtype = build_variant(name, config, model_dir, base, merged)
     built_s = time.monotonic() - started
@@ -120,23 +132,27 @@ def measure_variant(name: VariantName, config: OptimizeBenchConfig, model_dir: P
     size = memory_mb(weights, dtype)
     if adapter is not None:
         size += (config.adapter / "adapter_model.safetensors").stat().st_size / 2**20
-    gate = GateStep(step="gate", text=config.text, heldout=config.heldout, heldout_split=config.train_config,
-                    max_items=config.max_items)  # fmt: skip
-    items = gate_items(gate)
-    text_ids = HFTokenizer(model_dir).encode(config.text.read_text(encoding="utf-8"))
     b1, batched = asyncio.run(speed(model, model_dir, adapter, config))
+    quality = score(model, model_dir, heldout.text_ids, heldout.task, heldout.items, adapter)
     return {
         "variant": name,
         "dtype": str(dtype).removeprefix("torch."),
         "adapter": "lora" if adapter is not None else "merged",
         "size_mb": round(size, 1),
-        "perplexity": round(perplexity(model, text_ids, lora=lora_for(model, adapter) if adapter else None), 4),
-        "exact_match": exact_match(model, model_dir, task_of(gate), items, adapter),
-        "exact_match_items": len(items),
+        "perplexity": round(quality["perplexity"], 4),
+        "exact_match": quality["exact_match"],
+        "exact_match_items": len(heldout.items),
         "tokens_per_s_b1": b1,
         "tokens_per_s_b16": batched,
         "build_s": round(built_s, 1),
     }
+
+
+def read_heldout(config: OptimizeBenchConfig, model_dir: Path) -> HeldOut:
+    gate = GateStep(step="gate", text=config.text, heldout=config.heldout, heldout_split=config.train_config,
+                    max_items=config.max_items)  # fmt: skip
+    text_ids = HFTokenizer(model_dir).encode(config.text.read_text(encoding="utf-8"))
+    return HeldOut(text_ids, task_of(gate), gate_items(gate))
 
 
 def run_optimize_bench(config: OptimizeBenchConfig, model_dir: Path, json_path: Path) -> list[Row]:
@@ -145,9 +161,10 @@ def run_optimize_bench(config: OptimizeBenchConfig, model_dir: Path, json_path: 
     log.info("bench optimize: %s with %s on %s (%d threads)", config.variants, config.adapter, model_dir.name, threads)
     base = read_state(model_dir)
     merged = merge_adapter(base, model_dir, config.adapter)
+    heldout = read_heldout(config, model_dir)
     rows: list[Row] = []
     for name in tqdm(config.variants, desc="bench optimize", unit="variant"):
-        rows.append(measure_variant(name, config, model_dir, base, merged))
+        rows.append(measure_variant(name, config, model_dir, base, merged, heldout))
         write_rows(json_path, rows)
         log.info("%s: %s", name, rows[-1])
     print(summary(rows), file=sys.stderr)

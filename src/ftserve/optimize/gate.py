@@ -86,6 +86,21 @@ def exact_match(
     return sum(task.score(a, i.completion) for a, i in zip(answers, items, strict=True)) / len(items)
 
 
+def score(
+    model: NativeLlama,
+    model_dir: Path,
+    text_ids: list[int],
+    task_name: str | None,
+    items: list[Example],
+    adapter: LoraAdapter | None = None,
+) -> dict:
+    """Perplexity on ``text_ids`` and exact match on ``items`` (with ``adapter`` applied unmerged, if given)."""
+    return {
+        "perplexity": perplexity(model, text_ids, lora=lora_for(model, adapter) if adapter else None),
+        "exact_match": exact_match(model, model_dir, task_name, items, adapter),
+    }  # fmt: skip
+
+
 def evaluate_state(
     state: dict[str, torch.Tensor], model_dir: Path, step: GateStep, dtype: str, items: list[Example]
 ) -> dict:
@@ -99,8 +114,7 @@ def evaluate_state(
     if step.adapter is not None:
         adapter = load_peft_adapter(step.adapter.name, step.adapter, shape, MAX_MERGE_RANK)
     return {
-        "perplexity": perplexity(model, ids, lora=lora_for(model, adapter) if adapter else None),
-        "exact_match": exact_match(model, model_dir, task_of(step), items, adapter),
+        **score(model, model_dir, ids, task_of(step), items, adapter),
         "items": len(items),
         "dtype": str(model.dtype).removeprefix("torch."),
     }
