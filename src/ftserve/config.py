@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -95,6 +95,65 @@ class SamplingDefaults(_Strict):
     top_k: int | None = Field(None, ge=1, description="top_k when a request gives none.")
 
 
+class GrpcConfig(_Strict):
+    """The gRPC API (``ftserve.v1``), served from the same process and engine as REST."""
+
+    enabled: bool = Field(True, description="Start the gRPC server beside REST.")
+    host: str = Field("127.0.0.1", description="Address the gRPC server binds (0.0.0.0 for every interface).")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0: any free port, logged at start).")
+    max_message_bytes: int = Field(1 << 20, ge=1024, description="Largest gRPC request message.")
+
+
+class ResponseCacheConfig(_Strict):
+    """Exact-match cache of whole responses to deterministic requests (temperature 0 or a fixed seed)."""
+
+    enabled: bool = Field(True, description="Answer repeated deterministic requests from the cache.")
+    max_bytes: int = Field(64 << 20, ge=0, description="Memory bound of the cached responses (LRU beyond it).")
+    ttl_s: float = Field(600.0, gt=0, description="Seconds a cached response stays valid.")
+
+
+# Indicative on-demand prices in US dollars per hour (cloud list prices, late 2026); set usd_per_hour for yours.
+HARDWARE_USD_PER_HOUR: dict[str, float] = {
+    "cpu": 0.10,  # a 2-vCPU general-purpose VM
+    "t4": 0.53,
+    "l4": 0.80,
+    "a10g": 1.01,
+    "a100-40gb": 1.50,
+    "a100-80gb": 2.00,
+    "h100-80gb": 3.00,
+    "h200": 3.80,
+}
+
+
+class PricingConfig(_Strict):
+    """How ``ftserve_cost_usd_total{adapter}`` is computed: hardware time plus optional per-token prices."""
+
+    hardware: str = Field(
+        "auto",
+        description=f"Row of the price table ({', '.join(HARDWARE_USD_PER_HOUR)}); auto = cpu, or the CUDA "
+        "device's name when it matches a row.",
+    )
+    usd_per_hour: float | None = Field(None, ge=0, description="Hardware price per hour; overrides the table.")
+    usd_per_1k_prompt_tokens: float = Field(0.0, ge=0, description="Added per 1,000 prompt tokens processed.")
+    usd_per_1k_completion_tokens: float = Field(0.0, ge=0, description="Added per 1,000 tokens generated.")
+
+    @field_validator("hardware")
+    @classmethod
+    def _known_hardware(cls, value: str) -> str:
+        if value != "auto" and value not in HARDWARE_USD_PER_HOUR:
+            raise ValueError(f"unknown hardware {value!r}; known: auto, {', '.join(HARDWARE_USD_PER_HOUR)}")
+        return value
+
+
+class AdminConfig(_Strict):
+    """The adapter admin API (REST ``/v1/adapters``, gRPC ``LoadAdapter``/``UnloadAdapter``)."""
+
+    token_env: str = Field(
+        "FTSERVE_ADMIN_TOKEN",
+        description="Environment variable holding the bearer token; admin calls are refused while it is unset.",
+    )
+
+
 class ServiceConfig(_Strict):
     """One deployment: the model, the engine, the adapters, the limits."""
 
@@ -109,6 +168,10 @@ class ServiceConfig(_Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
+    grpc: GrpcConfig = Field(default_factory=GrpcConfig)
+    response_cache: ResponseCacheConfig = Field(default_factory=ResponseCacheConfig)
+    pricing: PricingConfig = Field(default_factory=PricingConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
 
     @property
     def base_name(self) -> str:

@@ -23,12 +23,17 @@ START_TIMEOUT_S = 240
 ADAPTER = "e2e-lora"
 
 
+ADMIN_TOKEN = "e2e-admin-token"
+
+
 @dataclass(frozen=True)
 class Server:
     url: str
     log: Path
+    grpc_target: str
     model: str = "smollm2-135m-instruct"
     adapter: str = ADAPTER
+    token: str = ADMIN_TOKEN
 
 
 def free_port() -> int:
@@ -56,7 +61,7 @@ def wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
 def server(model_home: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     adapters = tmp_path_factory.mktemp("adapters")
     make_random_adapters(model_dir, adapters, [ADAPTER], seed=11)
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("serve") / "bentoml.log"
     env = {
@@ -64,6 +69,7 @@ def server(model_home: Path, model_dir: Path, tmp_path_factory: pytest.TempPathF
         "FTSERVE_HOME": str(model_home),
         "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml-home")),
         "TOKENIZERS_PARALLELISM": "false",
+        "FTSERVE_ADMIN_TOKEN": ADMIN_TOKEN,
     }
     env.pop("FTSERVE_CONFIG", None)
     bentoml = Path(sys.executable).with_name("bentoml")
@@ -71,13 +77,13 @@ def server(model_home: Path, model_dir: Path, tmp_path_factory: pytest.TempPathF
         str(bentoml), "serve", ".", "--host", "127.0.0.1", "--port", str(port),
         # A small context window makes the "prompt too long" case cheap to build.
         "--arg", "engine.max_model_len=512", "--arg", "engine.max_num_seqs=4",
-        "--arg", f"adapter_dirs=[{adapters},{ROOT / 'adapters'}]",
+        "--arg", f"adapter_dirs=[{adapters},{ROOT / 'adapters'}]", "--arg", f"grpc.port={grpc_port}",
     ]  # fmt: skip
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_ready(proc, url, log)
-        yield Server(url, log)
+        yield Server(url, log, f"127.0.0.1:{grpc_port}")
     finally:
         proc.terminate()
         try:

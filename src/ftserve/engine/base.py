@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -24,8 +25,9 @@ import torch
 
 from ftserve.config import EngineConfig
 from ftserve.engine.detokenizer import IncrementalDetokenizer
-from ftserve.engine.protocol import EngineStats
+from ftserve.engine.protocol import AdapterInfo, EngineStats, StepUsage
 from ftserve.engine.request import (
+    AdapterNotFoundError,
     EngineNotReadyError,
     FinishReason,
     GenerationOutput,
@@ -56,6 +58,8 @@ class RequestState:
     generated: list[int] = field(default_factory=list)
     aborted: bool = False  # the consumer left or abort() was called: stop at the next step boundary
     finished: bool = False  # the last output was queued
+    scheduled_at: float | None = None  # time.monotonic() when first scheduled
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first scheduling
 
 
 Results = list[tuple[RequestState, GenerationOutput]]
@@ -107,8 +111,21 @@ class LoopEngine(ABC):
     @abstractmethod
     def stats(self) -> EngineStats: ...
 
+    def _step_tokens(self, plan: Any) -> dict[str | None, int]:
+        """Tokens each adapter (None: base) computes in ``plan``; metrics share the step's cost by them."""
+        return {}
+
     def adapters(self) -> list[str]:
         return []
+
+    def adapter_info(self) -> list[AdapterInfo]:
+        return []
+
+    async def unload_adapter(self, name: str) -> int:
+        raise AdapterNotFoundError(f"adapter {name!r} not found; loaded adapters: {self.adapters() or 'none'}")
+
+    def pin_adapter(self, name: str, pinned: bool = True) -> None:
+        raise AdapterNotFoundError(f"adapter {name!r} not found; loaded adapters: {self.adapters() or 'none'}")
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -175,16 +192,19 @@ class LoopEngine(ABC):
             raise RuntimeError("engine loop started without start()")
         while not self._closing:
             plan = self._plan()
-            self._report()
             if plan is None:
+                self._report()
                 wake.clear()
                 await wake.wait()
                 continue
             # The step runs on the loop's own thread: torch's CPU kernels run multi-threaded only from the
             # main thread here (a worker thread measured ~1.7-2x slower per forward). Between steps the loop
             # yields, so outputs stream, new requests arrive and disconnects register at every step boundary.
+            started = time.perf_counter()
             results = self._execute(plan)
+            step = StepUsage(time.perf_counter() - started, self._step_tokens(plan))
             self._update(results)
+            self._report(step)
             await asyncio.sleep(STEP_YIELD_S)
 
     def _update(self, results: Results) -> None:
@@ -195,7 +215,6 @@ class LoopEngine(ABC):
             state.outputs.put_nowait(out)
             if out.finished:
                 self._release(state)
-        self._report()
 
     @staticmethod
     def _check_queue(num_running: int, num_waiting: int, config: EngineConfig) -> None:
@@ -239,7 +258,7 @@ class LoopEngine(ABC):
     def output(
         state: RequestState, text: str, ids: list[int], reason: FinishReason | None, error: str | None = None
     ) -> GenerationOutput:
-        return GenerationOutput(
+        out = GenerationOutput(
             request_id=state.request.request_id,
             text=text,
             token_ids=ids,
@@ -248,6 +267,10 @@ class LoopEngine(ABC):
             finish_reason=reason,
             error=error,
         )
+        if reason is not None and state.scheduled_at is not None:
+            out.queue_s = state.scheduled_at - state.request.arrival_time
+            out.num_cached_tokens = state.num_cached_tokens
+        return out
 
     def _finish(self, state: RequestState, reason: FinishReason, error: str | None = None) -> None:
         if not state.finished:
@@ -259,6 +282,7 @@ class LoopEngine(ABC):
         if self._wake is not None:
             self._wake.set()
 
-    def _report(self) -> None:
+    def _report(self, step: StepUsage | None = None) -> None:
         if self.on_step is not None:
-            self.on_step(self.stats())
+            stats = self.stats()
+            self.on_step(stats if step is None else dataclasses.replace(stats, step=step))

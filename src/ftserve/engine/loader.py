@@ -23,6 +23,12 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def device_name(name: str) -> str | None:
+    """The accelerator's name (``NVIDIA H200``) for the engine's device setting; None on CPU."""
+    device = pick_device(name)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 / AMX on x86, the BF16 extension on Arm)."""
     try:

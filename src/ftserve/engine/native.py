@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -14,9 +15,9 @@ from ftserve.engine.base import LoopEngine, RequestState, Results
 from ftserve.engine.batch import SchedulerOutput
 from ftserve.engine.block_manager import BlockManager
 from ftserve.engine.loader import HFTokenizer, eos_token_ids, prepare_runtime
-from ftserve.engine.lora import LoraAdapter, LoraManager, load_peft_adapter
+from ftserve.engine.lora import AdapterError, LoraAdapter, LoraManager, load_peft_adapter
 from ftserve.engine.model import KVCache, NativeLlama
-from ftserve.engine.protocol import EngineStats, register_engine
+from ftserve.engine.protocol import AdapterInfo, EngineStats, register_engine
 from ftserve.engine.request import AdapterNotFoundError, GenerationRequest
 from ftserve.engine.runner import build_batch
 from ftserve.engine.sampler import sample_token
@@ -40,6 +41,7 @@ class NativeEngine(LoopEngine):
             model.shape, config.max_loras, config.max_lora_rank, model.device, model.dtype, config.max_cpu_loras
         )
         self._seqs: dict[int, Sequence] = {}
+        self._draining: set[str] = set()  # adapters being unloaded once their requests finish
         log.info(
             "native engine: %d KV blocks of %d tokens (%.0f MiB), prefix caching %s",
             num_blocks,
@@ -58,7 +60,47 @@ class NativeEngine(LoopEngine):
         return cls(model, tokenizer, eos, config)
 
     def adapters(self) -> list[str]:
-        return sorted(self.loras.registered)
+        return sorted(set(self.loras.registered) - self._draining)
+
+    def adapter_info(self) -> list[AdapterInfo]:
+        in_flight = Counter(seq.request.adapter for seq in self._seqs.values())
+        return [
+            AdapterInfo(
+                name=a.name,
+                path=str(a.path),
+                version=a.version,
+                rank=a.rank,
+                residency=self.loras.residency(a.name),
+                pinned=a.name in self.loras.pinned,
+                in_flight=in_flight[a.name],
+                draining=a.name in self._draining,
+            )
+            for a in sorted(self.loras.registered.values(), key=lambda a: a.name)
+        ]
+
+    async def unload_adapter(self, name: str) -> int:
+        """Refuse new requests for ``name`` now; drop it once its requests in flight have finished."""
+        self._check_registered(name)
+        in_flight = sum(1 for seq in self._seqs.values() if seq.request.adapter == name)
+        if in_flight:
+            self._draining.add(name)
+            log.info("adapter %s unloading after its %d requests in flight", name, in_flight)
+        else:
+            self._unregister(name)
+        return in_flight
+
+    def pin_adapter(self, name: str, pinned: bool = True) -> None:
+        self._check_registered(name)
+        self.loras.pin(name, pinned)
+
+    def _check_registered(self, name: str) -> None:
+        if name not in self.loras.registered or name in self._draining:
+            raise AdapterNotFoundError(f"adapter {name!r} not found; loaded adapters: {self.adapters() or 'none'}")
+
+    def _unregister(self, name: str) -> None:
+        self._draining.discard(name)
+        self.loras.unregister(name)
+        log.info("adapter %s unloaded", name)
 
     async def load_adapter(self, name: str, path: Path) -> LoraAdapter:
         """Load a PEFT adapter folder (already resolved inside the allowed folders) under ``name``.
@@ -66,6 +108,8 @@ class NativeEngine(LoopEngine):
         Reading and checking run off the loop, so running requests keep decoding; the adapter reaches a
         compute slot at the first step that needs it. A failed load changes nothing.
         """
+        if name in self._draining:
+            raise AdapterError(f"adapter {name!r} is being unloaded; load it again once it is gone")
         shape, max_rank = self.model.shape, self.config.max_lora_rank
         adapter = await asyncio.to_thread(load_peft_adapter, name, path, shape, max_rank)
         self.loras.register(adapter)
@@ -75,19 +119,35 @@ class NativeEngine(LoopEngine):
     async def _prepare(self, request: GenerationRequest) -> None:
         """Bring an adapter whose weights were offloaded back into memory without stalling the loop."""
         adapter = self.loras.registered.get(request.adapter or "")
-        if adapter is not None and adapter.offloaded:
+        if adapter is not None and adapter.offloaded and adapter.name not in self._draining:
             await self.load_adapter(adapter.name, adapter.path)
 
     def stats(self) -> EngineStats:
-        return EngineStats(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting))
+        running, waiting = self.scheduler.running, self.scheduler.waiting
+        blocks: Counter[str | None] = Counter()
+        for seq in running:
+            blocks[seq.request.adapter] += len(seq.block_table)
+        return EngineStats(
+            num_running=len(running),
+            num_waiting=len(waiting),
+            running_by_adapter=dict(Counter(seq.request.adapter for seq in running)),
+            waiting_by_adapter=dict(Counter(seq.request.adapter for seq in waiting)),
+            kv_usage_by_adapter={name: n / self.blocks.num_blocks for name, n in blocks.items()},
+        )
+
+    def _step_tokens(self, plan: SchedulerOutput) -> dict[str | None, int]:
+        tokens: Counter[str | None] = Counter()
+        for chunk in plan.chunks:
+            seq = self._seqs.get(chunk.seq_id)
+            if seq is not None:
+                tokens[seq.request.adapter] += chunk.num_tokens
+        return dict(tokens)
 
     # -- LoopEngine hooks ------------------------------------------------------------------------------
 
     def _validate(self, request: GenerationRequest) -> None:
-        if request.adapter is not None and request.adapter not in self.loras.registered:
-            raise AdapterNotFoundError(
-                f"adapter {request.adapter!r} not found; loaded adapters: {self.adapters() or 'none'}"
-            )
+        if request.adapter is not None:
+            self._check_registered(request.adapter)
         self._check_queue(len(self.scheduler.running), len(self.scheduler.waiting), self.config)
 
     def _enqueue(self, state: RequestState) -> None:
@@ -141,6 +201,9 @@ class NativeEngine(LoopEngine):
         if isinstance(state, Sequence):
             self.scheduler.remove(state)
             self._seqs.pop(state.seq_id, None)
+            name = state.request.adapter
+            if name in self._draining and not any(s.request.adapter == name for s in self._seqs.values()):
+                self._unregister(name)  # the last request of an adapter being unloaded has finished
 
 
 @register_engine("native")

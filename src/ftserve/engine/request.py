@@ -73,6 +73,11 @@ class GenerationOutput:
     num_generated_tokens: int  # total so far, including held-back tokens
     finish_reason: FinishReason | None = None  # set on the last update only
     error: str | None = None  # set when finish_reason is ERROR
+    # Set on the last update only:
+    queue_s: float | None = None  # arrival → first scheduled (None: never scheduled)
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    num_draft_tokens: int = 0  # speculative decoding: tokens proposed
+    num_accepted_tokens: int = 0  # speculative decoding: proposed tokens accepted
 
     @property
     def finished(self) -> bool:

@@ -10,6 +10,7 @@ recently admitted one is preempted: its blocks are freed and it is recomputed la
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -83,6 +84,9 @@ class Scheduler:
             self.waiting.popleft()
             seq.block_table = alloc.block_table
             seq.num_computed = alloc.num_cached_tokens
+            if seq.scheduled_at is None:  # first admission (not a re-admission after preemption)
+                seq.scheduled_at = time.monotonic()
+                seq.num_cached_tokens = alloc.num_cached_tokens
             n = min(len(seq.token_ids) - seq.num_computed, budget)
             self.running.append(seq)
             if adapter is not None:

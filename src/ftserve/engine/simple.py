@@ -6,6 +6,7 @@ simple; the native engine is checked against it and against ``generate``.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
@@ -49,7 +50,14 @@ class SimpleEngine(LoopEngine):
         raise AdapterError("the simple engine serves the base model only; use engine.backend: native")
 
     def stats(self) -> EngineStats:
-        return EngineStats(num_running=len(self._running), num_waiting=len(self._waiting))
+        running, waiting = len(self._running), len(self._waiting)
+        by_base = {None: running} if running else {}
+        return EngineStats(
+            running, waiting, running_by_adapter=by_base, waiting_by_adapter={None: waiting} if waiting else {}
+        )
+
+    def _step_tokens(self, plan: list[RequestState]) -> dict[str | None, int]:
+        return {None: sum(len(s.generated[-1:] or s.request.prompt_token_ids) for s in plan)}
 
     def _validate(self, request: GenerationRequest) -> None:
         if request.adapter is not None:
@@ -65,7 +73,9 @@ class SimpleEngine(LoopEngine):
     def _plan(self) -> list[RequestState] | None:
         self._drop_aborted()
         while self._waiting and len(self._running) < self.config.max_num_seqs:
-            self._running.append(self._waiting.popleft())
+            state = self._waiting.popleft()
+            state.scheduled_at = time.monotonic()
+            self._running.append(state)
         return list(self._running) or None
 
     def _execute(self, plan: list[RequestState]) -> Results:

@@ -3,7 +3,8 @@
 Deployment settings come from ``bentos/default.yaml`` (or ``$FTSERVE_CONFIG``), overridden by
 ``FTSERVE_<SECTION>__<KEY>`` environment variables and by ``bentoml serve --arg key=value``
 (``--arg config=bentos/other.yaml`` picks another file). BentoML itself serves ``/healthz``, ``/livez``,
-``/readyz`` (ready once the engine runs) and ``/metrics``.
+``/readyz`` (ready once the engine runs) and ``/metrics``. The gRPC API (``ftserve.v1``, port ``grpc.port``) starts
+from the startup hook on the same engine; adapter admin needs the bearer token in ``$FTSERVE_ADMIN_TOKEN``.
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ from typing import Any
 import bentoml
 
 from ftserve.config import load_service_config
+from ftserve.engine.loader import device_name
 from ftserve.engine.protocol import create_engine
 from ftserve.models import ModelStore
-from ftserve.service import metrics
+from ftserve.service.admin import AdminService
+from ftserve.service.cost import CostMeter
+from ftserve.service.grpc_server import GrpcServer
+from ftserve.service.response_cache import ResponseCache
 from ftserve.service.routes import build_app
 from ftserve.service.serving import OpenAIServing
 
@@ -42,17 +47,27 @@ class FTServe:
         self.config = load_service_config(config_path, overrides)
         model_dir = ModelStore(self.config.store.home).pull(self.config.model)
         self.engine = create_engine(model_dir, self.config.engine)
-        self.engine.on_step = metrics.observe_engine
-        v1.state.serving = OpenAIServing(self.engine, self.config)
+        cache_config = self.config.response_cache
+        cache = ResponseCache(cache_config.max_bytes, cache_config.ttl_s) if cache_config.enabled else None
+        cost = CostMeter(self.config.pricing, device_name(self.config.engine.device))
+        self.serving = OpenAIServing(self.engine, self.config, "rest", cache, cost)
+        self.engine.on_step = self.serving.on_engine_step
+        self.admin = AdminService.from_env(self.serving)
+        v1.state.serving, v1.state.admin = self.serving, self.admin
+        self.grpc: GrpcServer | None = None
         log.info("serving %s as %r with the %s engine", model_dir, self.config.base_name, self.config.engine.backend)
 
     @bentoml.on_startup
     async def start_engine(self) -> None:
         await self.engine.start()
-        await v1.state.serving.load_startup_adapters()
+        await self.serving.load_startup_adapters()
+        if self.config.grpc.enabled:  # same process, same event loop, same engine as REST
+            self.grpc = await GrpcServer.start(self.serving.for_protocol("grpc"), self.admin, self.config.grpc)
 
     @bentoml.on_shutdown
     async def stop_engine(self) -> None:
+        if self.grpc is not None:
+            await self.grpc.stop()
         await self.engine.stop()
 
     def __is_ready__(self) -> bool:

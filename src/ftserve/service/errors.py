@@ -28,6 +28,10 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, "invalid_request_error", param, code)
 
 
+def unauthorized(message: str) -> APIError:
+    return APIError(401, message, "authentication_error", None, "invalid_api_key")
+
+
 def not_found(message: str, param: str | None = None, code: str = "model_not_found") -> APIError:
     return APIError(404, message, "invalid_request_error", param, code)
 

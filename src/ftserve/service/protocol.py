@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ftserve.engine.protocol import AdapterInfo
+
 
 class _Request(BaseModel):
     # Unknown fields are refused by name rather than silently ignored.
@@ -159,3 +161,27 @@ def completion_response(
 
 def model_card(name: str, owned_by: str, parent: str | None = None) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": now(), "owned_by": owned_by, "parent": parent}
+
+
+# -- adapter admin (ftserve extension) ---------------------------------------------------------------------
+
+
+class AdapterLoadRequest(_Request):
+    """``POST /v1/adapters``: load an adapter by name from the allowed folders (or pin / unpin it)."""
+
+    name: str = Field(min_length=1, max_length=256)
+    pinned: bool | None = Field(None, description="Keep it in a compute slot (true) or let it be evicted (false).")
+    reload: bool = Field(False, description="Read the folder again even if it is loaded.")
+
+
+def adapter_card(info: AdapterInfo) -> dict[str, Any]:
+    return {
+        "id": info.name,
+        "object": "adapter",
+        "version": info.version,
+        "residency": info.residency,
+        "pinned": info.pinned,
+        "rank": info.rank,
+        "in_flight": info.in_flight,
+        "draining": info.draining,
+    }

@@ -20,7 +20,8 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from ftserve.service import errors
-from ftserve.service.protocol import ChatCompletionRequest, CompletionRequest
+from ftserve.service.admin import AdminService
+from ftserve.service.protocol import AdapterLoadRequest, ChatCompletionRequest, CompletionRequest
 from ftserve.service.serving import OpenAIServing
 
 log = logging.getLogger(__name__)
@@ -128,14 +129,42 @@ async def get_model(request: Request) -> Response:
     raise errors.not_found(f"model {name!r} does not exist", param="model")
 
 
+def _admin(request: Request) -> AdminService:
+    admin = getattr(request.app.state, "admin", None)
+    if admin is None:
+        raise errors.unavailable("the model is still loading")
+    admin.authorize(request.headers.get("authorization"))
+    return admin
+
+
+async def list_adapters(request: Request) -> Response:
+    return JSONResponse(_admin(request).list())
+
+
+async def load_adapter(request: Request) -> Response:
+    admin = _admin(request)
+    req = await _parse(request, AdapterLoadRequest, admin.serving.config.limits.max_request_bytes)
+    return JSONResponse(await admin.load(req))
+
+
+async def unload_adapter(request: Request) -> Response:
+    return JSONResponse(await _admin(request).unload(request.path_params["name"]))
+
+
 def build_app() -> Starlette:
-    """The ``/v1`` app; ``app.state.serving`` is set by the service once the engine is loaded."""
+    """The ``/v1`` app; ``app.state.serving`` and ``app.state.admin`` are set by the service once the engine
+    is loaded."""
     routes = [
         Route("/chat/completions", _guarded(chat_completions), methods=["POST"]),
         Route("/completions", _guarded(completions), methods=["POST"]),
         Route("/models", _guarded(list_models), methods=["GET"]),
         Route("/models/{name:path}", _guarded(get_model), methods=["GET"]),
+        Route("/adapters", _guarded(list_adapters), methods=["GET"]),
+        Route("/adapters", _guarded(load_adapter), methods=["POST"]),
+        # {name:path}: a name with "/" reaches the name check (400), not the router's 404.
+        Route("/adapters/{name:path}", _guarded(unload_adapter), methods=["DELETE"]),
     ]
     app = Starlette(routes=routes)
     app.state.serving = None
+    app.state.admin = None
     return app

@@ -6,11 +6,13 @@ answer) or an async iterator of SSE frames (streaming).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -18,7 +20,7 @@ import anyio
 from ftserve.config import ServiceConfig
 from ftserve.engine.base import DEADLINE_EXCEEDED
 from ftserve.engine.lora import AdapterError, discover_adapters, resolve_adapter_dir
-from ftserve.engine.protocol import Engine
+from ftserve.engine.protocol import Engine, EngineStats
 from ftserve.engine.request import (
     AdapterNotFoundError,
     EngineNotReadyError,
@@ -29,6 +31,7 @@ from ftserve.engine.request import (
     SamplingParams,
 )
 from ftserve.service import errors, metrics
+from ftserve.service.cost import CostMeter
 from ftserve.service.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -39,6 +42,7 @@ from ftserve.service.protocol import (
     model_card,
     new_id,
 )
+from ftserve.service.response_cache import CachedResponse, ResponseCache, cache_key, cacheable
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +54,8 @@ def sse(payload: dict[str, Any]) -> bytes:
 
 
 @dataclass
-class _Job:
-    """One request on its way through the engine, with what metrics need."""
+class Job:
+    """One request on its way through the engine (or the response cache), with what metrics need."""
 
     rid: str
     model: str  # the name the client used
@@ -59,16 +63,62 @@ class _Job:
     prompt_ids: list[int]
     params: SamplingParams
     started: float = field(default_factory=time.monotonic)
+    deadline: float | None = None  # time.monotonic() by which it must end (the client's, e.g. a gRPC deadline)
     first_token_at: float | None = None
+    last_token_at: float | None = None
     generated: int = 0
     finish: FinishReason | None = None
+    final: GenerationOutput | None = None
+    cache_key: str | None = None  # set when the request is deterministic and the cache is on
+    from_cache: bool = False
 
 
 class OpenAIServing:
-    def __init__(self, engine: Engine, config: ServiceConfig, protocol: str = "rest") -> None:
+    """Validation, adapter routing, generation and metrics for one protocol; :meth:`for_protocol` gives the
+    same logic for another one, sharing the engine, the response cache and the cost meter."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        config: ServiceConfig,
+        protocol: str = "rest",
+        cache: ResponseCache | None = None,
+        cost: CostMeter | None = None,
+    ) -> None:
         self.engine = engine
         self.config = config
         self.protocol = protocol
+        self.cache = cache
+        self.cost = cost
+        self._gauges = metrics.EngineGauges(min_interval_s=0.25)
+        self._adapter_names: set[str] = set()
+        self._adapters_at = 0.0
+
+    def for_protocol(self, protocol: str) -> OpenAIServing:
+        other = copy.copy(self)
+        other.protocol = protocol
+        return other
+
+    def on_engine_step(self, stats: EngineStats) -> None:
+        """The engine's per-step report: gauges, cost, and (once a second) adapter residency."""
+        self._gauges.observe(stats)
+        if stats.step is not None and self.cost is not None:
+            self.cost.observe_step(stats.step)
+        if time.monotonic() - self._adapters_at >= 1.0:
+            self.refresh_adapter_metrics()
+
+    def refresh_adapter_metrics(self) -> None:
+        self._adapters_at = time.monotonic()
+        self._adapter_names = metrics.observe_adapters(self.engine.adapter_info(), self._adapter_names)
+
+    async def load_adapter(self, name: str, path: Path) -> None:
+        """Load (or reload) an adapter: timed, its cached responses dropped, residency refreshed."""
+        started = time.monotonic()
+        await self.engine.load_adapter(name, path)
+        metrics.ADAPTER_LOAD_TIME.labels(adapter=name).observe(time.monotonic() - started)
+        if self.cache is not None:
+            self.cache.invalidate(name)
+        self.refresh_adapter_metrics()
 
     # -- models ----------------------------------------------------------------------------------------
 
@@ -96,7 +146,7 @@ class OpenAIServing:
             known = [self.config.base_name, *self.engine.adapters()]
             raise errors.not_found(f"model {model!r} does not exist; available: {known}", param="model") from None
         try:
-            await self.engine.load_adapter(model, path)
+            await self.load_adapter(model, path)
         except AdapterError as exc:
             raise errors.bad_request(f"adapter {model!r} cannot be loaded: {exc}", param="model") from None
         return model
@@ -104,7 +154,7 @@ class OpenAIServing:
     async def load_startup_adapters(self) -> None:
         """Load the adapters the deployment names; a bad one stops the start-up with its reason."""
         for name in self.config.adapters:
-            await self.engine.load_adapter(name, resolve_adapter_dir(name, self.config.adapter_dirs))
+            await self.load_adapter(name, resolve_adapter_dir(name, self.config.adapter_dirs))
 
     # -- validation ------------------------------------------------------------------------------------
 
@@ -160,7 +210,7 @@ class OpenAIServing:
             ignore_eos=req.ignore_eos,
         )
 
-    async def _chat_job(self, req: ChatCompletionRequest) -> _Job:
+    async def chat_job(self, req: ChatCompletionRequest) -> Job:
         if req.logprobs or req.top_logprobs:
             raise errors.bad_request("logprobs are not supported", param="logprobs")
         if req.tools or req.tool_choice not in (None, "none"):
@@ -173,11 +223,9 @@ class OpenAIServing:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         prompt_ids = self.engine.tokenizer.apply_chat_template(messages)
         max_tokens = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
-        return _Job(
-            new_id("chatcmpl"), req.model, adapter, prompt_ids, self._sampling(req, max_tokens, len(prompt_ids))
-        )
+        return Job(new_id("chatcmpl"), req.model, adapter, prompt_ids, self._sampling(req, max_tokens, len(prompt_ids)))
 
-    async def _completion_job(self, req: CompletionRequest) -> _Job:
+    async def completion_job(self, req: CompletionRequest) -> Job:
         if req.echo:
             raise errors.bad_request("echo is not supported", param="echo")
         if req.logprobs is not None:
@@ -201,16 +249,16 @@ class OpenAIServing:
         if not prompt_ids:
             raise errors.bad_request("prompt is empty", param="prompt")
         adapter = await self.resolve_adapter(req.model)
-        return _Job(
-            new_id("cmpl"), req.model, adapter, prompt_ids, self._sampling(req, req.max_tokens, len(prompt_ids))
-        )
+        return Job(new_id("cmpl"), req.model, adapter, prompt_ids, self._sampling(req, req.max_tokens, len(prompt_ids)))
 
     # -- generation ------------------------------------------------------------------------------------
 
-    async def _start(self, job: _Job) -> tuple[GenerationOutput, AsyncIterator[GenerationOutput]]:
-        """Submit and wait for the first output, so submission errors still become HTTP statuses."""
+    async def _start(self, job: Job) -> AsyncIterator[GenerationOutput]:
+        """Submit and wait for the first output, so submission errors still become API errors."""
         timeout = self.config.limits.request_timeout_s
         deadline = None if timeout is None else job.started + timeout
+        if job.deadline is not None:
+            deadline = job.deadline if deadline is None else min(deadline, job.deadline)
         stream = self.engine.generate(
             GenerationRequest(job.rid, job.prompt_ids, job.params, job.adapter, deadline=deadline)
         )
@@ -227,48 +275,94 @@ class OpenAIServing:
         except BaseException:
             await stream.aclose()
             raise
-        return first, stream
+        return _prepend(first, stream)
 
-    async def _outputs(self, job: _Job) -> AsyncIterator[GenerationOutput]:
-        """All outputs of a job; records metrics when it ends, however it ends."""
-        first, stream = await self._start(job)
+    def _lookup(self, job: Job) -> CachedResponse | None:
+        """The cached response of a deterministic request, keyed on the adapter's current version."""
+        if self.cache is None or not cacheable(job.params):
+            return None
+        version = None
+        if job.adapter is not None:
+            version = next((a.version for a in self.engine.adapter_info() if a.name == job.adapter), None)
+            if version is None:
+                return None  # not loaded (or unloading): the engine will say so
+        job.cache_key = cache_key(job.adapter, version, job.prompt_ids, job.params)
+        labels = {"adapter": metrics.label(job.adapter), "protocol": self.protocol}
+        metrics.RESPONSE_CACHE_LOOKUPS.labels(**labels).inc()
+        hit = self.cache.get(job.cache_key)
+        if hit is not None:
+            metrics.RESPONSE_CACHE_HITS.labels(**labels).inc()
+        return hit
+
+    async def outputs(self, job: Job) -> AsyncIterator[GenerationOutput]:
+        """All outputs of a job, from the response cache or the engine; records metrics when it ends,
+        however it ends, and caches a deterministic answer that finished normally."""
+        hit = self._lookup(job)
+        job.from_cache = hit is not None
+        stream = _replay(job.rid, hit) if hit is not None else await self._start(job)
+        kept: list[GenerationOutput] = []
         try:
-            out: GenerationOutput | None = first
-            while out is not None:
-                if job.first_token_at is None and out.num_generated_tokens:
-                    job.first_token_at = time.monotonic()
-                job.generated = out.num_generated_tokens
-                job.finish = out.finish_reason
+            async for out in stream:
+                self._track(job, out)
+                if job.cache_key is not None and not job.from_cache:
+                    kept.append(out)
                 yield out
-                out = None if out.finished else await anext(stream, None)
+                if out.finished:
+                    break
         finally:
             with anyio.CancelScope(shield=True):  # a cancelled caller must still cancel the engine request
                 await stream.aclose()
             self._record(job)
+            if kept and job.cache_key is not None and job.finish in (FinishReason.STOP, FinishReason.LENGTH):
+                self._store(job, kept)
 
-    def _record(self, job: _Job) -> None:
-        reason = job.finish or FinishReason.ABORT
+    def _track(self, job: Job, out: GenerationOutput) -> None:
+        new = out.num_generated_tokens - job.generated
+        if new > 0:
+            now = time.monotonic()
+            if job.first_token_at is None:
+                job.first_token_at = now
+            elif job.last_token_at is not None:
+                gap = (now - job.last_token_at) / new
+                for _ in range(new):
+                    metrics.INTER_TOKEN_LATENCY.labels(metrics.label(job.adapter), self.protocol).observe(gap)
+            job.last_token_at = now
+        job.generated = out.num_generated_tokens
+        job.finish = out.finish_reason
+        if out.finished:
+            job.final = out
+
+    def _store(self, job: Job, outputs: list[GenerationOutput]) -> None:
+        if self.cache is None or job.cache_key is None or job.finish is None:
+            return
+        chunks = tuple((o.text, tuple(o.token_ids)) for o in outputs)
+        response = CachedResponse(chunks, job.finish, len(job.prompt_ids), job.generated)
+        self.cache.put(job.cache_key, job.adapter, response)
+
+    def _record(self, job: Job) -> None:
+        adapter, final = metrics.label(job.adapter), job.final
         metrics.observe_request(
-            job.adapter or "base",
+            adapter,
             self.protocol,
             ttft_s=None if job.first_token_at is None else job.first_token_at - job.started,
             e2e_s=time.monotonic() - job.started,
-            prompt_tokens=len(job.prompt_ids),
-            generated_tokens=job.generated,
-            finish_reason=str(reason),
+            finish_reason=str(job.finish or FinishReason.ABORT),
+            engine=None if job.from_cache else (len(job.prompt_ids), job.generated, final),
         )
+        if self.cost is not None and not job.from_cache:
+            self.cost.observe_request(adapter, len(job.prompt_ids), job.generated)
 
-    async def _collect(self, job: _Job) -> tuple[str, FinishReason, Usage]:
+    async def _collect(self, job: Job) -> tuple[str, FinishReason, Usage]:
         parts: list[str] = []
         last: GenerationOutput | None = None
-        async for out in self._outputs(job):
+        async for out in self.outputs(job):
             parts.append(out.text)
             last = out
         if last is None or last.finish_reason is None or last.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
-            raise self._failure(last)
+            raise self.failure(last)
         return "".join(parts), last.finish_reason, Usage.of(len(job.prompt_ids), last.num_generated_tokens)
 
-    def _failure(self, last: GenerationOutput | None) -> errors.APIError:
+    def failure(self, last: GenerationOutput | None) -> errors.APIError:
         if last is not None and last.error == DEADLINE_EXCEEDED:
             return errors.timeout(f"the request ran past its {self.config.limits.request_timeout_s:g} s deadline")
         detail = last.error if last is not None and last.error else "generation was aborted"
@@ -277,13 +371,13 @@ class OpenAIServing:
     # -- endpoints -------------------------------------------------------------------------------------
 
     async def chat(self, req: ChatCompletionRequest) -> dict[str, Any] | AsyncIterator[bytes]:
-        return await self._serve(await self._chat_job(req), req, chat=True)
+        return await self._serve(await self.chat_job(req), req, chat=True)
 
     async def completion(self, req: CompletionRequest) -> dict[str, Any] | AsyncIterator[bytes]:
-        return await self._serve(await self._completion_job(req), req, chat=False)
+        return await self._serve(await self.completion_job(req), req, chat=False)
 
     async def _serve(
-        self, job: _Job, req: ChatCompletionRequest | CompletionRequest, chat: bool
+        self, job: Job, req: ChatCompletionRequest | CompletionRequest, chat: bool
     ) -> dict[str, Any] | AsyncIterator[bytes]:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -292,8 +386,8 @@ class OpenAIServing:
         build = chat_response if chat else completion_response
         return build(job.rid, job.model, text, _openai_finish(finish), usage)
 
-    async def _stream(self, job: _Job, include_usage: bool, chat: bool) -> AsyncIterator[bytes]:
-        outputs = self._outputs(job)
+    async def _stream(self, job: Job, include_usage: bool, chat: bool) -> AsyncIterator[bytes]:
+        outputs = self.outputs(job)
         first = await anext(outputs)  # raises APIError before any byte is sent
 
         def frame(text: str, finish: str | None, usage: Usage | None = None) -> bytes:
@@ -308,7 +402,7 @@ class OpenAIServing:
                 out: GenerationOutput | None = first
                 while out is not None:
                     if out.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
-                        yield sse(self._failure(out).body())
+                        yield sse(self.failure(out).body())
                         break
                     if out.text or out.finished:
                         finish = _openai_finish(out.finish_reason) if out.finished else None
@@ -328,3 +422,30 @@ class OpenAIServing:
 
 def _openai_finish(reason: FinishReason | None) -> str:
     return "length" if reason == FinishReason.LENGTH else "stop"
+
+
+async def _prepend(first: GenerationOutput, rest: AsyncIterator[GenerationOutput]) -> AsyncIterator[GenerationOutput]:
+    """``first``, then the rest of the engine's stream; closing this closes (cancels) the engine request."""
+    try:
+        yield first
+        if not first.finished:
+            async for out in rest:
+                yield out
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]
+
+
+async def _replay(rid: str, hit: CachedResponse) -> AsyncIterator[GenerationOutput]:
+    """A cached response as the same sequence of streamed updates the engine gave."""
+    generated = 0
+    for i, (text, ids) in enumerate(hit.chunks):
+        generated += len(ids)
+        last = i == len(hit.chunks) - 1
+        yield GenerationOutput(
+            rid,
+            text,
+            list(ids),
+            hit.num_prompt_tokens,
+            hit.num_generated_tokens if last else generated,
+            hit.finish_reason if last else None,
+        )
