@@ -9,7 +9,7 @@ from pathlib import Path
 from ftserve.engine.loader import HFTokenizer
 from ftserve.optimize.recipe import QuantizeStep
 from ftserve.train.formats import DataError, Example, load_jsonl
-from ftserve.train.pipeline import split_data
+from ftserve.train.pipeline import split_of
 from ftserve.train.replay import load_replay
 from ftserve.train.settings import load_train_config
 
@@ -23,7 +23,7 @@ def _calibration_sources(path: Path, tokenizer: HFTokenizer) -> list[list[list[i
     """
     if path.suffix in (".yaml", ".yml"):
         config = load_train_config(path)
-        sources = [_encode_examples(split_data(config).train, tokenizer)]
+        sources = [_encode_examples(split_of(path).train, tokenizer)]
         if config.replay is not None:
             sources.append([tokenizer.encode(text) for text in load_replay(config.replay.file)])
         return sources

@@ -23,7 +23,7 @@ from ftserve.optimize.merge import MAX_MERGE_RANK, check_adapter
 from ftserve.optimize.quality import lora_for, perplexity
 from ftserve.optimize.recipe import GateStep
 from ftserve.train.formats import DataError, Example, load_jsonl
-from ftserve.train.pipeline import split_data
+from ftserve.train.pipeline import split_of
 from ftserve.train.settings import load_train_config
 from ftserve.train.tasks import get_task
 
@@ -51,7 +51,7 @@ def gate_items(step: GateStep) -> list[Example]:
     """The held-out files' examples, then the training config's held-out split, up to ``max_items``."""
     items = [i for path in step.heldout for i in load_jsonl(path) if isinstance(i, Example)]
     if step.heldout_split is not None:
-        items += [i for i in split_data(load_train_config(step.heldout_split)).heldout if isinstance(i, Example)]
+        items += [i for i in split_of(step.heldout_split).heldout if isinstance(i, Example)]
     return items[: step.max_items]
 
 

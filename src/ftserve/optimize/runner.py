@@ -121,6 +121,7 @@ def run_recipe(recipe: Recipe, store: ModelStore) -> dict[str, Any]:
 def quantize(step: QuantizeStep, state: dict[str, torch.Tensor], model_dir: Path) -> tuple[dict, dict[str, Any]]:
     """The quantized state and its ``quantization_config``."""
     quantizer = quantizer_for(step)
+    quantizer.check(state)
     calibration = None
     if quantizer.needs_calibration:
         shape = ModelShape.from_dir(model_dir)

@@ -11,7 +11,6 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from ftserve.engine.request import (
 )
 from ftserve.service import errors, metrics
 from ftserve.service.cost import CostMeter
+from ftserve.service.jobs import Job, prepend, record, replay, track
 from ftserve.service.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -51,26 +51,6 @@ SSE_DONE = b"data: [DONE]\n\n"
 
 def sse(payload: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
-
-
-@dataclass
-class Job:
-    """One request on its way through the engine (or the response cache), with what metrics need."""
-
-    rid: str
-    model: str  # the name the client used
-    adapter: str | None
-    prompt_ids: list[int]
-    params: SamplingParams
-    started: float = field(default_factory=time.monotonic)
-    deadline: float | None = None  # time.monotonic() by which it must end (the client's, e.g. a gRPC deadline)
-    first_token_at: float | None = None
-    last_token_at: float | None = None
-    generated: int = 0
-    finish: FinishReason | None = None
-    final: GenerationOutput | None = None
-    cache_key: str | None = None  # set when the request is deterministic and the cache is on
-    from_cache: bool = False
 
 
 class OpenAIServing:
@@ -275,7 +255,7 @@ class OpenAIServing:
         except BaseException:
             await stream.aclose()
             raise
-        return _prepend(first, stream)
+        return prepend(first, stream)
 
     def _lookup(self, job: Job) -> CachedResponse | None:
         """The cached response of a deterministic request, keyed on the adapter's current version."""
@@ -299,11 +279,11 @@ class OpenAIServing:
         however it ends, and caches a deterministic answer that finished normally."""
         hit = self._lookup(job)
         job.from_cache = hit is not None
-        stream = _replay(job.rid, hit) if hit is not None else await self._start(job)
+        stream = replay(job.rid, hit) if hit is not None else await self._start(job)
         kept: list[GenerationOutput] = []
         try:
             async for out in stream:
-                self._track(job, out)
+                track(job, out, self.protocol)
                 if job.cache_key is not None and not job.from_cache:
                     kept.append(out)
                 yield out
@@ -312,25 +292,9 @@ class OpenAIServing:
         finally:
             with anyio.CancelScope(shield=True):  # a cancelled caller must still cancel the engine request
                 await stream.aclose()
-            self._record(job)
+            record(job, self.protocol, self.cost)
             if kept and job.cache_key is not None and job.finish in (FinishReason.STOP, FinishReason.LENGTH):
                 self._store(job, kept)
-
-    def _track(self, job: Job, out: GenerationOutput) -> None:
-        new = out.num_generated_tokens - job.generated
-        if new > 0:
-            now = time.monotonic()
-            if job.first_token_at is None:
-                job.first_token_at = now
-            elif job.last_token_at is not None:
-                gap = (now - job.last_token_at) / new
-                for _ in range(new):
-                    metrics.INTER_TOKEN_LATENCY.labels(metrics.label(job.adapter), self.protocol).observe(gap)
-            job.last_token_at = now
-        job.generated = out.num_generated_tokens
-        job.finish = out.finish_reason
-        if out.finished:
-            job.final = out
 
     def _store(self, job: Job, outputs: list[GenerationOutput]) -> None:
         if self.cache is None or job.cache_key is None or job.finish is None:
@@ -338,19 +302,6 @@ class OpenAIServing:
         chunks = tuple((o.text, tuple(o.token_ids)) for o in outputs)
         response = CachedResponse(chunks, job.finish, len(job.prompt_ids), job.generated)
         self.cache.put(job.cache_key, job.adapter, response)
-
-    def _record(self, job: Job) -> None:
-        adapter, final = metrics.label(job.adapter), job.final
-        metrics.observe_request(
-            adapter,
-            self.protocol,
-            ttft_s=None if job.first_token_at is None else job.first_token_at - job.started,
-            e2e_s=time.monotonic() - job.started,
-            finish_reason=str(job.finish or FinishReason.ABORT),
-            engine=None if job.from_cache else (len(job.prompt_ids), job.generated, final),
-        )
-        if self.cost is not None and not job.from_cache:
-            self.cost.observe_request(adapter, len(job.prompt_ids), job.generated)
 
     async def _collect(self, job: Job) -> tuple[str, FinishReason, Usage]:
         parts: list[str] = []
@@ -422,30 +373,3 @@ class OpenAIServing:
 
 def _openai_finish(reason: FinishReason | None) -> str:
     return "length" if reason == FinishReason.LENGTH else "stop"
-
-
-async def _prepend(first: GenerationOutput, rest: AsyncIterator[GenerationOutput]) -> AsyncIterator[GenerationOutput]:
-    """``first``, then the rest of the engine's stream; closing this closes (cancels) the engine request."""
-    try:
-        yield first
-        if not first.finished:
-            async for out in rest:
-                yield out
-    finally:
-        await rest.aclose()  # type: ignore[attr-defined]
-
-
-async def _replay(rid: str, hit: CachedResponse) -> AsyncIterator[GenerationOutput]:
-    """A cached response as the same sequence of streamed updates the engine gave."""
-    generated = 0
-    for i, (text, ids) in enumerate(hit.chunks):
-        generated += len(ids)
-        last = i == len(hit.chunks) - 1
-        yield GenerationOutput(
-            rid,
-            text,
-            list(ids),
-            hit.num_prompt_tokens,
-            hit.num_generated_tokens if last else generated,
-            hit.finish_reason if last else None,
-        )

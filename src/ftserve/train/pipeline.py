@@ -9,6 +9,7 @@ from the last checkpoint).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ from ftserve.atomic import swap_dir
 from ftserve.models import ModelStore, sha256_file
 from ftserve.train.filters import FilterReport, apply_filters
 from ftserve.train.formats import DataError, Item, load_jsonl, sha256_of, write_jsonl
-from ftserve.train.settings import TrainConfig
+from ftserve.train.settings import TrainConfig, load_train_config
 from ftserve.train.split import group_key, split_items
 from ftserve.train.tasks import Task, get_task
 
@@ -102,6 +103,17 @@ def split_data(config: TrainConfig) -> PreparedData:
     if config.replay is not None:
         files[str(config.replay.file)] = sha256_of(config.replay.file)
     return PreparedData(train, heldout, extra, report, files)
+
+
+def split_of(config_path: Path) -> PreparedData:
+    """``split_data`` of a training config file, computed once per process while the file is unchanged
+    (the optimize stage reads the same split for GPTQ calibration and for the quality gate)."""
+    return _split_cached(config_path.resolve(), config_path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _split_cached(config_path: Path, mtime_ns: int) -> PreparedData:
+    return split_data(load_train_config(config_path))
 
 
 def prepare_data(config: TrainConfig) -> PreparedData:
