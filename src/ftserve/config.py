@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -36,6 +36,27 @@ class StoreConfig(_Strict):
         default_factory=lambda: Path(os.environ.get("FTSERVE_HOME", "~/.cache/ftserve")).expanduser(),
         description="Root folder of the model store (env FTSERVE_HOME; default ~/.cache/ftserve).",
     )
+
+
+MAX_SPEC_TOKENS = 16
+
+
+class SpeculativeConfig(_Strict):
+    """Speculative decoding in the native engine (off unless a drafter is named)."""
+
+    drafter: Literal["none", "prompt-lookup"] = Field(
+        "none", description="none, or prompt-lookup (n-gram match against the prompt and the text so far)."
+    )
+    num_tokens: int = Field(4, ge=1, le=MAX_SPEC_TOKENS, description="Most tokens drafted per step (k).")
+    ngram_max: int = Field(3, ge=1, le=8, description="Longest n-gram prompt lookup matches.")
+    ngram_min: int = Field(1, ge=1, le=8, description="Shortest n-gram prompt lookup matches.")
+    adaptive: bool = Field(True, description="Shrink k (down to off) for a request whose drafts get rejected.")
+
+    @model_validator(mode="after")
+    def _ngram_range(self) -> SpeculativeConfig:
+        if self.ngram_min > self.ngram_max:
+            raise ValueError(f"ngram_min ({self.ngram_min}) must not exceed ngram_max ({self.ngram_max})")
+        return self
 
 
 class EngineConfig(_Strict):
@@ -68,6 +89,7 @@ class EngineConfig(_Strict):
     max_cpu_loras: int = Field(
         64, ge=1, description="Adapters whose weights stay in CPU memory; older idle ones are reloaded from disk."
     )
+    speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig)
 
 
 class LimitsConfig(_Strict):

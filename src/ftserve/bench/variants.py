@@ -44,3 +44,6 @@ class OptimizeBenchConfig(BaseModel):
     damp: float = Field(0.01, gt=0, le=1, description="GPTQ Hessian dampening (fraction of its mean diagonal).")
     calibration_items: int = Field(128, ge=1, description="GPTQ calibration sequences.")
     max_new_tokens: int = Field(128, ge=1, description="Tokens each speed request makes.")
+    b1_repeats: int = Field(
+        3, ge=1, le=50, description="Single-stream runs per variant; tokens_per_s_b1 is their median."
+    )

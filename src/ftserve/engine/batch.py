@@ -18,6 +18,7 @@ class ScheduledChunk:
     start: int  # position of the first token of the chunk (= tokens already in the KV cache)
     num_tokens: int  # tokens computed this step: the whole rest of a prompt, a prefill chunk, or 1 (decode)
     sample: bool  # the chunk reaches the end of the known tokens: sample the next token from its last logits
+    num_draft: int = 0  # speculative tokens at the end of the chunk (Sequence.draft); all its rows give logits
 
 
 @dataclass

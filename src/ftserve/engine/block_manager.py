@@ -112,6 +112,13 @@ class BlockManager:
                 block.hash = parent
                 self._cached[parent] = block.block_id
 
+    def trim(self, block_table: list[int], num_tokens: int) -> None:
+        """Give back the blocks past what ``num_tokens`` need (those of rejected speculative tokens)."""
+        keep = self.blocks_needed(num_tokens)
+        if len(block_table) > keep:
+            self.free(block_table[keep:])
+            del block_table[keep:]
+
     def free(self, block_table: list[int]) -> None:
         """Drop one reference to each block; unreferenced blocks keep their cached KV until reused."""
         for block_id in reversed(block_table):  # tail blocks are the least shareable: reused first

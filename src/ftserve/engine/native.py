@@ -18,10 +18,11 @@ from ftserve.engine.loader import HFTokenizer, eos_token_ids, prepare_runtime
 from ftserve.engine.lora import AdapterError, LoraAdapter, LoraManager, load_peft_adapter
 from ftserve.engine.model import KVCache, NativeLlama
 from ftserve.engine.protocol import AdapterInfo, EngineStats, register_engine
-from ftserve.engine.request import AdapterNotFoundError, GenerationRequest
+from ftserve.engine.request import AdapterNotFoundError, GenerationOutput, GenerationRequest
 from ftserve.engine.runner import build_batch
 from ftserve.engine.sampler import sample_token
 from ftserve.engine.scheduler import Scheduler, Sequence
+from ftserve.engine.speculative import AdaptiveK, PromptLookup, verify
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,12 @@ class NativeEngine(LoopEngine):
         num_blocks = max(-(-capacity // config.block_size), -(-max_len // config.block_size))
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.cache = KVCache(model.shape, num_blocks, config.block_size, model.dtype, model.device)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, config.max_loras)
+        spec = config.speculative
+        self.drafter = PromptLookup(spec.ngram_max, spec.ngram_min) if spec.drafter == "prompt-lookup" else None
+        self.scheduler = Scheduler(
+            self.blocks, config.max_num_seqs, config.max_num_batched_tokens, config.max_loras,
+            drafter=self._propose if self.drafter is not None else None,
+        )  # fmt: skip
         self.loras = LoraManager(
             model.shape, config.max_loras, config.max_lora_rank, model.device, model.dtype, config.max_cpu_loras
         )
@@ -183,19 +189,61 @@ class NativeEngine(LoopEngine):
             return [(self._seqs[c.seq_id], self.failed(self._seqs[c.seq_id], exc)) for c in plan.chunks]
         for chunk in plan.chunks:
             seq = self._seqs[chunk.seq_id]
-            seq.num_computed += chunk.num_tokens
+            seq.num_computed += chunk.num_tokens - chunk.num_draft  # drafted tokens count once verified
             self.blocks.commit(seq.block_table, seq.token_ids, seq.num_computed, seq.namespace)
         greedy = logits.argmax(dim=-1).tolist()
         results: Results = []
-        for row, seq in enumerate(sampling):
+        row = 0
+        for seq in sampling:
+            rows = 1 + len(seq.draft)
             try:
-                params = seq.request.params
-                token = greedy[row] if params.greedy else sample_token(logits[row], params, seq.generator)
-                seq.token_ids.append(token)
-                results.append((seq, self.accept(seq, token)))
+                tokens = self._next_tokens(seq, logits[row : row + rows], greedy[row : row + rows])
+                results.append((seq, self._accept_tokens(seq, tokens)))
             except Exception as exc:
                 results.append((seq, self.failed(seq, exc)))
+            row += rows
         return results
+
+    def _next_tokens(self, seq: Sequence, logits: torch.Tensor, greedy: list[int]) -> list[int]:
+        """The step's new tokens for one sequence: one sampled, or a verified draft plus one."""
+        params = seq.request.params
+        if not seq.draft:
+            return [greedy[0] if params.greedy else sample_token(logits[0], params, seq.generator)]
+        verdict = verify(logits, seq.draft, params, seq.generator)
+        seq.num_computed += verdict.accepted  # accepted drafts are the real tokens: their KV stands
+        seq.num_draft_tokens += len(seq.draft)
+        seq.num_accepted_tokens += verdict.accepted
+        if seq.adaptive is not None:
+            seq.adaptive.update(len(seq.draft), verdict.accepted)
+        seq.draft = []
+        self.blocks.trim(seq.block_table, len(seq.token_ids) + len(verdict.tokens))  # KV rollback
+        return verdict.tokens
+
+    def _accept_tokens(self, seq: Sequence, tokens: list[int]) -> GenerationOutput:
+        """Accept tokens in order into one output, stopping at the first that ends the request."""
+        merged: GenerationOutput | None = None
+        for token in tokens:
+            seq.token_ids.append(token)
+            out = self.accept(seq, token)
+            merged = out if merged is None else merged.followed_by(out)
+            if out.finished:
+                break
+        if merged is None:
+            raise RuntimeError("no token to accept")
+        return merged
+
+    def _propose(self, seq: Sequence, limit: int) -> list[int]:
+        """Draft for one decoding sequence: at most ``limit`` tokens, and never past max_tokens or the context."""
+        if self.drafter is None:
+            return []
+        spec = self.config.speculative
+        room = min(
+            limit, seq.request.params.max_tokens - len(seq.generated) - 1, self.max_model_len - len(seq.token_ids)
+        )
+        if spec.adaptive and seq.adaptive is None:
+            seq.adaptive = AdaptiveK(spec.num_tokens)
+        k = min(room, seq.adaptive.next_k() if seq.adaptive is not None else spec.num_tokens)
+        return self.drafter.propose(seq.token_ids, k) if k > 0 else []
 
     def _release(self, state: RequestState) -> None:
         if isinstance(state, Sequence):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import time
 from dataclasses import dataclass, field
@@ -82,3 +83,7 @@ class GenerationOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def followed_by(self, later: GenerationOutput) -> GenerationOutput:
+        """One update covering this one and ``later`` (several tokens accepted in one step)."""
+        return dataclasses.replace(later, text=self.text + later.text, token_ids=self.token_ids + later.token_ids)

@@ -11,7 +11,8 @@ from ftserve.engine.scheduler import Sequence
 def build_batch(
     out: SchedulerOutput, seqs: dict[int, Sequence], block_size: int, device: torch.device
 ) -> tuple[ForwardBatch, list[Sequence]]:
-    """The batch for ``out`` and the sequences that sample this step, in logits-row order."""
+    """The batch for ``out`` and the sequences that sample this step, in logits-row order (a sequence with a
+    draft of ``k`` tokens owns ``k + 1`` consecutive rows)."""
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -21,13 +22,14 @@ def build_batch(
     for chunk in out.chunks:
         seq = seqs[chunk.seq_id]
         span = range(chunk.start, chunk.start + chunk.num_tokens)
-        input_ids.extend(seq.token_ids[chunk.start : chunk.start + chunk.num_tokens])
+        known = chunk.num_tokens - chunk.num_draft
+        input_ids.extend(seq.token_ids[chunk.start : chunk.start + known] + seq.draft[: chunk.num_draft])
         positions.extend(span)
         table = seq.block_table
         slots.extend(table[p // block_size] * block_size + p % block_size for p in span)
         tables.append(table)
-        if chunk.sample:
-            logits_indices.append(len(input_ids) - 1)
+        if chunk.sample:  # the last token's logits; with a draft, those of every drafted position too
+            logits_indices.extend(range(len(input_ids) - 1 - chunk.num_draft, len(input_ids)))
             sampling.append(seq)
     width = max(len(t) for t in tables)
     padded = [t + [0] * (width - len(t)) for t in tables]

@@ -12,11 +12,13 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ftserve.engine.base import RequestState
 from ftserve.engine.batch import ScheduledChunk, SchedulerOutput
 from ftserve.engine.block_manager import BlockManager
+from ftserve.engine.speculative import AdaptiveK
 
 _ids = itertools.count()
 
@@ -30,17 +32,28 @@ class Sequence(RequestState):
     num_computed: int = 0  # leading tokens whose KV is in the cache
     block_table: list[int] = field(default_factory=list)
     namespace: str | None = None  # prefix-cache namespace: the adapter and its version
+    draft: list[int] = field(default_factory=list)  # tokens proposed for this step (speculative decoding)
+    adaptive: AdaptiveK | None = None  # how many tokens to draft next (speculative decoding)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.request.prompt_token_ids)
 
 
+Drafter = Callable[[Sequence, int], list[int]]  # (decoding sequence, most tokens) -> proposed tokens
+
+
 class Scheduler:
     def __init__(
-        self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_loras: int = 1 << 30
+        self,
+        blocks: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_loras: int = 1 << 30,
+        drafter: Drafter | None = None,
     ) -> None:
         self.blocks = blocks
+        self.drafter = drafter
         self.max_loras = max_loras
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -67,11 +80,14 @@ class Scheduler:
                 break
             if seq not in self.running:  # preempted by an earlier iteration of this loop
                 continue
-            n = min(len(seq.token_ids) - seq.num_computed, budget)
-            if not self._reserve(seq, seq.num_computed + n, out):
+            pending = len(seq.token_ids) - seq.num_computed
+            n = min(pending, budget)
+            # A decoding sequence may carry drafted tokens, verified by the same forward.
+            seq.draft = self.drafter(seq, budget - 1) if pending == 1 and self.drafter is not None else []
+            if not self._reserve(seq, seq.num_computed + n + len(seq.draft), out):
                 continue
             out.chunks.append(self._chunk(seq, n))
-            budget -= n
+            budget -= n + len(seq.draft)
         adapters = {s.request.adapter for s in self.running} - {None}
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -82,6 +98,7 @@ class Scheduler:
             if alloc is None:
                 break  # keep arrival order: wait for blocks rather than let later requests overtake
             self.waiting.popleft()
+            seq.draft = []
             seq.block_table = alloc.block_table
             seq.num_computed = alloc.num_cached_tokens
             if seq.scheduled_at is None:  # first admission (not a re-admission after preemption)
@@ -97,7 +114,8 @@ class Scheduler:
 
     @staticmethod
     def _chunk(seq: Sequence, n: int) -> ScheduledChunk:
-        return ScheduledChunk(seq.seq_id, seq.num_computed, n, sample=seq.num_computed + n == len(seq.token_ids))
+        sample = seq.num_computed + n == len(seq.token_ids)
+        return ScheduledChunk(seq.seq_id, seq.num_computed, n + len(seq.draft), sample, num_draft=len(seq.draft))
 
     def _reserve(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
         """Blocks for ``num_tokens`` of ``seq``, preempting the newest running sequences if needed."""
