@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from ftserve.config import (
     DEFAULT_SERVICE_FILE,
@@ -224,3 +226,17 @@ def test_every_shipped_deployment_validates_and_optimized_ones_name_their_recipe
     assert any(step.step == "export" and step.format == "native" for step in recipe.steps)
     merged = any(step.step == "merge" for step in recipe.steps)
     assert merged != bool(cfg.adapters), "a merged model serves no adapters; a quantized base serves them unmerged"
+
+
+def test_speculative_settings_are_checked_with_clear_errors() -> None:
+    from ftserve.config import EngineConfig
+
+    assert EngineConfig().speculative.drafter == "none"
+    for bad, needle in (
+        ({"drafter": "medusa"}, "prompt-lookup"),
+        ({"num_tokens": 0}, "num_tokens"),
+        ({"num_tokens": 17}, "num_tokens"),
+        ({"ngram_min": 3, "ngram_max": 2}, "ngram_min (3) must not exceed ngram_max (2)"),
+    ):
+        with pytest.raises(ValidationError, match=re.escape(needle)):
+            EngineConfig.model_validate({"speculative": bad})
