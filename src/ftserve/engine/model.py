@@ -123,17 +123,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def rope_tables(shape: ModelShape) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [max_position, head_dim] (float32) of the default rotary embedding."""
+    """cos and signed sin [max_position, head_dim] (float32) of the default rotary embedding, for
+    :func:`apply_rope`: the sin table's first half is negated."""
     inv_freq = 1.0 / (shape.rope_theta ** (torch.arange(0, shape.head_dim, 2, dtype=torch.float32) / shape.head_dim))
     freqs = torch.outer(torch.arange(shape.max_position, dtype=torch.float32), inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    sin = emb.sin()
+    half = shape.head_dim // 2
+    return emb.cos(), torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``x`` [..., head_dim]: x * cos + rotate_half(x) * sin, where rotate_half(x) * sin
+    equals roll(x, half) * signed_sin (one roll instead of two slices, a negation and a cat)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class LoraApplier(Protocol):
@@ -187,11 +191,7 @@ class NativeLlama:
                     down=linear(p + "mlp.down_proj"),
                 )
             )
-        cos, sin = rope_tables(shape)
-        half = shape.head_dim // 2
-        # rotate_half(x) * sin == roll(x, half) * [-sin_lo, sin_hi]: one roll instead of slices, neg and cat.
-        signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
-        self.cos, self.signed_sin = (t.to(device=device, dtype=dtype) for t in (cos, signed_sin))
+        self.cos, self.signed_sin = (t.to(device=device, dtype=dtype) for t in rope_tables(shape))
 
     @classmethod
     def from_dir(cls, model_dir: Path, device: torch.device, dtype: torch.dtype) -> NativeLlama:
@@ -206,7 +206,6 @@ class NativeLlama:
         h = self.embed[batch.input_ids]
         cos = self.cos[batch.positions].unsqueeze(1)  # [T, 1, D]
         signed_sin = self.signed_sin[batch.positions].unsqueeze(1)
-        half = s.head_dim // 2
         plan = _AttentionPlan(batch, cache.block_size, cache.num_blocks, self.device)
         q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         for i, layer in enumerate(self.layers):
@@ -216,7 +215,7 @@ class NativeLlama:
                 lora.apply(i, ("q_proj", "k_proj", "v_proj"), x, qkv, batch)
             qk, v = qkv.split((q_size + kv_size, kv_size), dim=-1)
             qk = qk.view(-1, s.num_heads + s.num_kv_heads, s.head_dim)
-            qk = qk * cos + qk.roll(half, dims=-1) * signed_sin  # RoPE of q and k in one pass
+            qk = apply_rope(qk, cos, signed_sin)  # q and k in one pass
             q, k = qk.split((s.num_heads, s.num_kv_heads), dim=1)
             v = v.view(-1, s.num_kv_heads, s.head_dim)
             cache.k[i].index_copy_(1, batch.slot_mapping, k.transpose(0, 1))
@@ -255,7 +254,7 @@ class _AttentionPlan:
         # Decode rows: all attended in one call over a padded [B_dec, L] slot matrix.
         self.decode_rows = [b for b, n in enumerate(batch.query_lens) if n == 1]
         self.prefill_rows = [b for b, n in enumerate(batch.query_lens) if n > 1]
-        self.decode_only = not self.prefill_rows
+        self.decode_only = batch.decode_only
         if self.decode_rows:
             rows = torch.tensor(self.decode_rows, device=device)
             lens = torch.tensor([batch.context_lens[b] for b in self.decode_rows], device=device)

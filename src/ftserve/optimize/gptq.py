@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ftserve.engine.model import ModelShape, rms_norm, rope_tables, rotate_half
+from ftserve.engine.model import ModelShape, apply_rope, rms_norm, rope_tables
 from ftserve.engine.qlinear import pack_int4
 from ftserve.optimize.quantize import QuantizeError, Quantizer, check_group_size, int4_params, register
 
@@ -150,8 +150,8 @@ def _decoder_layer(
         q = q.view(t, shape.num_heads, shape.head_dim)
         k = k.view(t, shape.num_kv_heads, shape.head_dim)
         v = v.view(t, shape.num_kv_heads, shape.head_dim)
-        cos, sin = rope[0][:t, None], rope[1][:t, None]
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        cos, signed_sin = rope[0][:t, None], rope[1][:t, None]
+        q, k = apply_rope(q, cos, signed_sin), apply_rope(k, cos, signed_sin)
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True)
         attn.append(out.transpose(0, 1).reshape(t, q_size))
