@@ -87,7 +87,7 @@ class NativeEngine(LoopEngine):
     async def unload_adapter(self, name: str) -> int:
         """Refuse new requests for ``name`` now; drop it once its requests in flight have finished."""
         self._check_registered(name)
-        in_flight = sum(1 for seq in self._seqs.values() if seq.request.adapter == name)
+        in_flight = self._in_flight(name)
         if in_flight:
             self._draining.add(name)
             log.info("adapter %s unloading after its %d requests in flight", name, in_flight)
@@ -102,6 +102,10 @@ class NativeEngine(LoopEngine):
     def _check_registered(self, name: str) -> None:
         if name not in self.loras.registered or name in self._draining:
             raise AdapterNotFoundError(f"adapter {name!r} not found; loaded adapters: {self.adapters() or 'none'}")
+
+    def _in_flight(self, name: str) -> int:
+        """Requests waiting or running on adapter ``name``."""
+        return sum(1 for seq in self._seqs.values() if seq.request.adapter == name)
 
     def _unregister(self, name: str) -> None:
         self._draining.discard(name)
@@ -250,7 +254,7 @@ class NativeEngine(LoopEngine):
             self.scheduler.remove(state)
             self._seqs.pop(state.seq_id, None)
             name = state.request.adapter
-            if name in self._draining and not any(s.request.adapter == name for s in self._seqs.values()):
+            if name in self._draining and not self._in_flight(name):
                 self._unregister(name)  # the last request of an adapter being unloaded has finished
 
 
