@@ -119,12 +119,19 @@ def label(adapter: str | None) -> str:
 
 
 class EngineGauges:
-    """Sets the engine gauges from each stats report, zeroing adapters that no longer appear."""
+    """The engine's gauges: running / waiting / KV usage from each stats report, and adapter residency.
 
-    def __init__(self, min_interval_s: float = 0.0) -> None:
+    One object per engine, shared by every protocol's serving logic; it remembers which adapter labels it
+    has set, so one that disappears is set to 0 rather than left at its last value.
+    """
+
+    def __init__(self, min_interval_s: float = 0.0, adapters_interval_s: float = 1.0) -> None:
         self._seen: set[str] = set()
+        self._adapters: set[str] = set()
         self._min_interval_s = min_interval_s
+        self._adapters_interval_s = adapters_interval_s
         self._last = 0.0
+        self._adapters_at = 0.0
 
     def observe(self, stats: EngineStats) -> None:
         now = time.monotonic()
@@ -140,17 +147,21 @@ class EngineGauges:
             NUM_WAITING.labels(adapter=name).set(waiting.get(name, 0))
             KV_CACHE_USAGE.labels(adapter=name).set(kv.get(name, 0.0))
 
+    def adapters_due(self) -> bool:
+        """Whether residency is older than its refresh interval (it is read once a second while busy)."""
+        return time.monotonic() - self._adapters_at >= self._adapters_interval_s
 
-def observe_adapters(adapters: list[AdapterInfo], previous: set[str]) -> set[str]:
-    """Resident-adapter gauges; adapters in ``previous`` but gone now drop to 0. Returns the names set."""
-    names = {a.name for a in adapters}
-    for gone in previous - names:
-        for residency in RESIDENCIES:
-            ADAPTER_RESIDENT.labels(adapter=gone, residency=residency).set(0)
-    for a in adapters:
-        for residency in RESIDENCIES:
-            ADAPTER_RESIDENT.labels(adapter=a.name, residency=residency).set(int(a.residency == residency))
-    return names
+    def observe_adapters(self, adapters: list[AdapterInfo]) -> None:
+        """Resident-adapter gauges; adapters set before but gone now drop to 0."""
+        self._adapters_at = time.monotonic()
+        names = {a.name for a in adapters}
+        for gone in self._adapters - names:
+            for residency in RESIDENCIES:
+                ADAPTER_RESIDENT.labels(adapter=gone, residency=residency).set(0)
+        for a in adapters:
+            for residency in RESIDENCIES:
+                ADAPTER_RESIDENT.labels(adapter=a.name, residency=residency).set(int(a.residency == residency))
+        self._adapters = names
 
 
 def observe_request(

@@ -70,9 +70,7 @@ class OpenAIServing:
         self.protocol = protocol
         self.cache = cache
         self.cost = cost
-        self._gauges = metrics.EngineGauges(min_interval_s=0.25)
-        self._adapter_names: set[str] = set()
-        self._adapters_at = 0.0
+        self._gauges = metrics.EngineGauges(min_interval_s=0.25)  # shared by for_protocol copies
 
     def for_protocol(self, protocol: str) -> OpenAIServing:
         other = copy.copy(self)
@@ -84,12 +82,11 @@ class OpenAIServing:
         self._gauges.observe(stats)
         if stats.step is not None and self.cost is not None:
             self.cost.observe_step(stats.step)
-        if time.monotonic() - self._adapters_at >= 1.0:
+        if self._gauges.adapters_due():
             self.refresh_adapter_metrics()
 
     def refresh_adapter_metrics(self) -> None:
-        self._adapters_at = time.monotonic()
-        self._adapter_names = metrics.observe_adapters(self.engine.adapter_info(), self._adapter_names)
+        self._gauges.observe_adapters(self.engine.adapter_info())
 
     async def load_adapter(self, name: str, path: Path) -> None:
         """Load (or reload) an adapter: timed, its cached responses dropped, residency refreshed."""
@@ -293,11 +290,12 @@ class OpenAIServing:
             with anyio.CancelScope(shield=True):  # a cancelled caller must still cancel the engine request
                 await stream.aclose()
             record(job, self.protocol, self.cost)
-            if kept and job.cache_key is not None and job.finish in (FinishReason.STOP, FinishReason.LENGTH):
+            if kept:
                 self._store(job, kept)
 
     def _store(self, job: Job, outputs: list[GenerationOutput]) -> None:
-        if self.cache is None or job.cache_key is None or job.finish is None:
+        """Cache a deterministic answer that finished normally (not aborted, not failed)."""
+        if self.cache is None or job.cache_key is None or job.finish not in (FinishReason.STOP, FinishReason.LENGTH):
             return
         chunks = tuple((o.text, tuple(o.token_ids)) for o in outputs)
         response = CachedResponse(chunks, job.finish, len(job.prompt_ids), job.generated)
