@@ -30,7 +30,6 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +41,13 @@ from ftserve.bench.variants import OptimizeBenchConfig, VariantName
 from ftserve.bench.workloads import build_scenario
 from ftserve.config import EngineConfig
 from ftserve.engine.loader import HFTokenizer, eos_token_ids, pick_dtype, set_threads
-from ftserve.engine.lora import LoraAdapter, load_peft_adapter
+from ftserve.engine.lora import LoraAdapter
 from ftserve.engine.model import ModelShape, NativeLlama, read_state
 from ftserve.engine.native import NativeEngine
-from ftserve.optimize.gate import gate_items, score, task_of
-from ftserve.optimize.merge import MAX_MERGE_RANK, merge_adapter
+from ftserve.optimize.gate import GateInputs, score
+from ftserve.optimize.merge import merge_adapter
 from ftserve.optimize.recipe import GateStep, QuantizeStep
 from ftserve.optimize.runner import quantize
-from ftserve.train.formats import Example
 
 log = logging.getLogger(__name__)
 
@@ -113,26 +111,14 @@ async def speed(
         await engine.stop()
 
 
-@dataclass(frozen=True)
-class HeldOut:
-    """What every variant is scored on, read once per run."""
-
-    text_ids: list[int]
-    task: str | None
-    items: list[Example]
-
-
 def measure_variant(
-    name: VariantName, config: OptimizeBenchConfig, model_dir: Path, base: dict, merged: dict, heldout: HeldOut
+    name: VariantName, config: OptimizeBenchConfig, model_dir: Path, base: dict, merged: dict, heldout: GateInputs
 ) -> Row:
     started = time.monotonic()
     weights, dtype = build_variant(name, config, model_dir, base, merged)
     built_s = time.monotonic() - started
-    shape = ModelShape.from_dir(model_dir)
-    model = NativeLlama(shape, weights, torch.device("cpu"), dtype)
-    adapter = None
-    if name in UNMERGED:
-        adapter = load_peft_adapter(config.adapter.name, config.adapter, shape, MAX_MERGE_RANK)
+    model = NativeLlama(ModelShape.from_dir(model_dir), weights, torch.device("cpu"), dtype)
+    adapter = heldout.adapter if name in UNMERGED else None
     size = memory_mb(weights, dtype)
     if adapter is not None:
         size += (config.adapter / "adapter_model.safetensors").stat().st_size / 2**20
@@ -152,11 +138,11 @@ def measure_variant(
     }
 
 
-def read_heldout(config: OptimizeBenchConfig, model_dir: Path) -> HeldOut:
+def read_heldout(config: OptimizeBenchConfig, model_dir: Path) -> GateInputs:
+    """What every variant is scored on, read once per run (the adapter is applied to the unmerged rows)."""
     gate = GateStep(step="gate", text=config.text, heldout=config.heldout, heldout_split=config.train_config,
-                    max_items=config.max_items)  # fmt: skip
-    text_ids = HFTokenizer(model_dir).encode(config.text.read_text(encoding="utf-8"))
-    return HeldOut(text_ids, task_of(gate), gate_items(gate))
+                    adapter=config.adapter, max_items=config.max_items)  # fmt: skip
+    return GateInputs.read(gate, model_dir)
 
 
 def run_optimize_bench(config: OptimizeBenchConfig, model_dir: Path, json_path: Path) -> list[Row]:

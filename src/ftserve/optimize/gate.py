@@ -9,6 +9,7 @@ trained on), greedy, by the task's own scorer.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -101,23 +102,35 @@ def score(
     }  # fmt: skip
 
 
-def evaluate_state(
-    state: dict[str, torch.Tensor], model_dir: Path, step: GateStep, dtype: str, items: list[Example]
-) -> dict:
-    """Perplexity on the gate's text and exact match on ``items`` of the model in ``state`` (with the gate's
-    adapter applied unmerged, if it names one), in ``dtype`` (``auto``: what the engine would pick)."""
-    shape = ModelShape.from_dir(model_dir)
+def evaluate_state(state: dict[str, torch.Tensor], model_dir: Path, dtype: str, inputs: GateInputs) -> dict:
+    """Perplexity and exact match of the model in ``state`` on the gate's inputs (its adapter applied
+    unmerged, if it names one), in ``dtype`` (``auto``: what the engine would pick)."""
     cpu = torch.device("cpu")
-    model = NativeLlama(shape, state, cpu, pick_dtype(dtype, cpu, quantized=any(k.endswith(".qweight") for k in state)))
-    ids = HFTokenizer(model_dir).encode(step.text.read_text(encoding="utf-8"))
-    adapter = None
-    if step.adapter is not None:
-        adapter = load_peft_adapter(step.adapter.name, step.adapter, shape, MAX_MERGE_RANK)
+    quantized = any(k.endswith(".qweight") for k in state)
+    model = NativeLlama(ModelShape.from_dir(model_dir), state, cpu, pick_dtype(dtype, cpu, quantized=quantized))
     return {
-        **score(model, model_dir, ids, task_of(step), items, adapter),
-        "items": len(items),
+        **score(model, model_dir, inputs.text_ids, inputs.task, inputs.items, inputs.adapter),
+        "items": len(inputs.items),
         "dtype": str(model.dtype).removeprefix("torch."),
     }
+
+
+@dataclass(frozen=True)
+class GateInputs:
+    """What a gate scores both models on, read once: the text's token ids, the task items, the adapter."""
+
+    text_ids: list[int]
+    task: str | None
+    items: list[Example]
+    adapter: LoraAdapter | None
+
+    @classmethod
+    def read(cls, step: GateStep, model_dir: Path) -> GateInputs:
+        adapter = None
+        if step.adapter is not None:
+            adapter = load_peft_adapter(step.adapter.name, step.adapter, ModelShape.from_dir(model_dir), MAX_MERGE_RANK)
+        text_ids = HFTokenizer(model_dir).encode(step.text.read_text(encoding="utf-8"))
+        return cls(text_ids, task_of(step), gate_items(step), adapter)
 
 
 def gate_verdict(step: GateStep, reference: dict, current: dict) -> list[str]:
@@ -140,8 +153,8 @@ def run_gate(
     step: GateStep, reference: dict[str, torch.Tensor], state: dict[str, torch.Tensor], model_dir: Path, dtype: str
 ) -> dict:
     """Score both models on the same items; the manifest's record of the gate."""
-    items = gate_items(step)
-    ref_metrics = evaluate_state(reference, model_dir, step, dtype, items)
-    cur_metrics = evaluate_state(state, model_dir, step, dtype, items)
+    inputs = GateInputs.read(step, model_dir)
+    ref_metrics = evaluate_state(reference, model_dir, dtype, inputs)
+    cur_metrics = evaluate_state(state, model_dir, dtype, inputs)
     failed = gate_verdict(step, ref_metrics, cur_metrics)
     return {"reference": ref_metrics, "measured": cur_metrics, "passed": not failed, "breaches": failed}
