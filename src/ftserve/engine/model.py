@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from ftserve.engine.batch import ForwardBatch
-from ftserve.engine.qlinear import LINEAR_KEYS, Linear, QuantFormatError, build_linear
+from ftserve.engine.qlinear import LINEAR_KEYS, Linear, QuantFormatError, build_linear, dense_linear
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SMALL_DECODE_TOKENS = 2048  # decode batches up to this many context tokens in total take the one-shot path
@@ -200,15 +200,20 @@ class NativeLlama:
     # -- forward ---------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, cache: KVCache, lora: LoraApplier | None = None) -> torch.Tensor:
-        """Logits [S, vocab] (float32) for the rows in ``batch.logits_indices``; writes new KV into ``cache``."""
+    def forward(
+        self, batch: ForwardBatch, cache: KVCache, lora: LoraApplier | None = None, num_layers: int | None = None
+    ) -> torch.Tensor:
+        """Logits [S, vocab] (float32) for the rows in ``batch.logits_indices``; writes new KV into ``cache``.
+
+        ``num_layers`` runs only the first layers before the final norm and head: the layer-truncated
+        self-draft of speculative decoding (its KV for those layers is the target's own)."""
         s = self.shape
         h = self.embed[batch.input_ids]
         cos = self.cos[batch.positions].unsqueeze(1)  # [T, 1, D]
         signed_sin = self.signed_sin[batch.positions].unsqueeze(1)
         plan = _AttentionPlan(batch, cache.block_size, cache.num_blocks, self.device)
         q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.layers[:num_layers]):
             x = rms_norm(h, layer.input_norm, s.rms_norm_eps)
             qkv = layer.qkv(x)
             if lora is not None:
@@ -236,7 +241,7 @@ class NativeLlama:
                 lora.apply(i, ("down_proj",), act, out, batch)
             h = h + out
         last = rms_norm(h[batch.logits_indices], self.final_norm, s.rms_norm_eps)
-        return F.linear(last, self.lm_head).float()
+        return dense_linear(last, self.lm_head).float()
 
 
 class _AttentionPlan:
