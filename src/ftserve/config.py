@@ -39,18 +39,39 @@ class StoreConfig(_Strict):
 
 
 MAX_SPEC_TOKENS = 16
+Drafter = Literal["none", "prompt-lookup", "draft-model"]
 
 
 class SpeculativeConfig(_Strict):
     """Speculative decoding in the native engine (off unless a drafter is named)."""
 
-    drafter: Literal["none", "prompt-lookup"] = Field(
-        "none", description="none, or prompt-lookup (n-gram match against the prompt and the text so far)."
+    drafter: Drafter = Field(
+        "none",
+        description="none; prompt-lookup (n-gram match against the prompt and the text so far); or draft-model "
+        "(a smaller model sharing the tokenizer drafts greedily, see draft_model).",
     )
     num_tokens: int = Field(4, ge=1, le=MAX_SPEC_TOKENS, description="Most tokens drafted per step (k).")
-    ngram_max: int = Field(3, ge=1, le=8, description="Longest n-gram prompt lookup matches.")
-    ngram_min: int = Field(1, ge=1, le=8, description="Shortest n-gram prompt lookup matches.")
-    adaptive: bool = Field(True, description="Shrink k (down to off) for a request whose drafts get rejected.")
+    ngram_max: int = Field(4, ge=1, le=8, description="Longest n-gram prompt lookup matches.")
+    ngram_min: int = Field(2, ge=1, le=8, description="Shortest n-gram prompt lookup matches.")
+    ngram_history: bool = Field(
+        True,
+        description="prompt-lookup: with no match in the request's own text, match recent outputs of the same "
+        "adapter (the output templates a fine-tuned adapter repeats).",
+    )
+    adaptive: bool = Field(
+        True, description="Choose k per request from its acceptance rate and the drafting cost (0 = off)."
+    )
+    draft_model: str | None = Field(
+        None,
+        description="draft-model: a model folder (store name or path, e.g. an optimize native export) sharing the "
+        "served model's tokenizer; unset = a copy of the served model quantized at start-up (draft_quantize).",
+    )
+    draft_quantize: Literal["int8", "int4", "none"] = Field(
+        "int8", description="draft-model without draft_model: how the copy of the served model is quantized."
+    )
+    draft_layers: int | None = Field(
+        None, ge=1, description="draft-model: run only the draft's first layers (layer-truncated self-draft)."
+    )
 
     @model_validator(mode="after")
     def _ngram_range(self) -> SpeculativeConfig:

@@ -29,7 +29,7 @@ FAMILIES = (
     "ftserve_generation_tokens", "ftserve_request_success", "ftserve_num_requests_running",
     "ftserve_num_requests_waiting", "ftserve_kv_cache_usage_perc", "ftserve_prefix_cache_queries",
     "ftserve_prefix_cache_hits", "ftserve_response_cache_lookups", "ftserve_response_cache_hits",
-    "ftserve_spec_decode_num_draft_tokens", "ftserve_spec_decode_num_accepted_tokens",
+    "ftserve_spec_decode_num_drafts", "ftserve_spec_decode_num_draft_tokens", "ftserve_spec_decode_num_accepted_tokens",
     "ftserve_adapter_load_seconds", "ftserve_adapter_resident", "ftserve_engine_busy_seconds", "ftserve_cost_usd",
 )  # fmt: skip
 

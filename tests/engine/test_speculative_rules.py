@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from ftserve.engine.request import SamplingParams
-from ftserve.engine.speculative import AdaptiveK, PromptLookup, target_probs, verify
+from ftserve.engine.speculative import (
+    VERIFY_COST_PER_TOKEN,
+    AdaptiveK,
+    OutputHistory,
+    PromptLookup,
+    target_probs,
+    verify,
+)
+from ftserve.engine.speculator import StepTime
 
 
 def test_prompt_lookup_proposes_what_followed_the_latest_match_of_the_longest_ngram() -> None:
@@ -52,14 +60,51 @@ def test_sampled_verification_follows_the_target_distribution() -> None:
         assert accepted / trials == pytest.approx(p[draft_token].item(), abs=0.023)
 
 
-def test_adaptive_k_grows_shrinks_switches_off_and_retries() -> None:
-    k = AdaptiveK(4, retry_every=3)
-    assert k.next_k() == 4
-    k.update(4, 1)
-    assert k.next_k() == 1
+def test_adaptive_k_follows_acceptance_switches_off_and_probes() -> None:
+    k = AdaptiveK(6, retry_every=3)
+    for _ in range(4):
+        k.update(6, 6)  # everything accepted: draft the most
+    assert k.next_k(0.06) == 6
+    for _ in range(30):
+        k.update(1, 0)  # nothing accepted any more: plain decoding pays best ...
+    assert k.acceptance < 0.05
+    assert [k.next_k(0.06) for _ in range(3)] == [0, 0, 1]  # ... with a one-token probe now and then
     k.update(1, 1)
-    assert k.next_k() == 2
-    k.update(2, 0)
-    assert k.next_k() == 1
-    k.update(1, 0)  # two fully rejected steps in a row: off
-    assert [k.next_k() for _ in range(3)] == [0, 0, 1]  # ... then one retry
+    k.update(2, 2)
+    assert k.next_k(0.06) > 0  # acceptance came back
+
+
+def test_adaptive_k_drafts_less_when_drafting_costs_more() -> None:
+    k = AdaptiveK(8)
+    for _ in range(6):
+        k.update(4, 3)  # acceptance about 0.8
+    chosen = [k.next_k(cost) for cost in (0.0, 0.06, 0.3, 0.6, 1.0)]
+    assert chosen == sorted(chosen, reverse=True) and chosen[0] == 8 and chosen[-1] == 0
+
+
+def test_step_time_fits_fixed_and_per_row_cost() -> None:
+    fit = StepTime()
+    assert fit.row_share(1) == VERIFY_COST_PER_TOKEN  # no data yet: the prior
+    for rows in [1, 5, 2, 8, 1, 4, 3, 6] * 3:
+        fit.add(rows, 0.040 + 0.003 * rows)
+    assert fit.row_share(1) == pytest.approx(0.003 / 0.043, rel=1e-3)
+    assert fit.row_share(8) == pytest.approx(8 * 0.003 / 0.064, rel=1e-3)  # dearer in a bigger batch
+
+
+def test_output_history_drafts_an_adapters_template() -> None:
+    history = OutputHistory(ngram_max=3, ngram_min=2)
+    history.add([7, 8, 9], [1, 2, 3, 4, 5])  # the prompt's last tokens, then the output
+    assert history.propose([50, 8, 9], 3) == [1, 2, 3]  # drafts the output's start from the prompt's end
+    assert history.propose([60, 2, 3], 8) == [4, 5]
+    assert history.propose([60, 70, 80], 4) == []
+    lookup = PromptLookup(3, 2)
+    assert lookup.propose([40, 41, 42, 2, 3], 2, history) == [4, 5]  # no match in its own text: history's
+    assert lookup.propose([2, 3, 9, 2, 3], 2, history) == [9, 2]  # its own text first
+
+
+def test_output_history_is_bounded() -> None:
+    history = OutputHistory(ngram_max=2, ngram_min=1, max_ngrams=10)
+    for start in range(0, 100, 10):
+        history.add([], list(range(start, start + 10)))
+    assert len(history) <= 10
+    assert history.propose([94, 95], 2) == [96, 97] and history.propose([4, 5], 2) == []  # the oldest went first

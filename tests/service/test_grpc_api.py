@@ -243,3 +243,38 @@ def test_unloading_with_requests_in_flight_lets_them_finish_and_spares_other_row
         assert [a.name for a in stack.engine.adapter_info()] == ["ad-b"]
 
     run(model, model_dir, adapter_dir, scenario, cache=False)
+
+
+def test_speculation_settings_per_request_over_both_protocols(
+    model: NativeLlama, model_dir: Path, adapter_dir: Path
+) -> None:
+    """A request turns prompt lookup on for itself (the deployment has none): the text stays greedy decoding's
+    and the drafts show in the per-adapter metrics; settings out of range are refused by name with the limits."""
+    labels = {"adapter": "ad-a", "protocol": "rest"}
+
+    async def scenario(stack: Stack) -> None:
+        plain = await rest_text(stack, "ad-a", max_tokens=30, ignore_eos=True)
+        before = sample("ftserve_spec_decode_num_drafts_total", labels)
+        spec = {"drafter": "prompt-lookup", "num_tokens": 4}
+        assert await rest_text(stack, "ad-a", max_tokens=30, ignore_eos=True, speculative=spec) == plain
+        assert sample("ftserve_spec_decode_num_drafts_total", labels) > before
+        refused = [
+            ({"num_tokens": 0}, "greater than or equal to 1"),
+            ({"num_tokens": 17}, "less than or equal to 16"),
+            ({"drafter": "medusa"}, "'none', 'prompt-lookup' or 'draft-model'"),
+            ({"k": 2}, "speculative.k"),
+        ]
+        for fields, needle in refused:
+            body = {"model": "ad-a", "prompt": PROMPT, "max_tokens": 4, "speculative": fields}
+            response = await stack.http.post("/v1/completions", json=body)
+            assert response.status_code == 400 and needle in response.json()["error"]["message"], response.text
+        request = prompt_request("ad-a", PROMPT)
+        request.speculation.num_tokens = 99
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stack.grpc_text(request)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "16" in (err.value.details() or "")
+        request.speculation.num_tokens = 3
+        text, _, _ = await stack.grpc_text(request)
+        assert text == await rest_text(stack, "ad-a")
+
+    run(model, model_dir, adapter_dir, scenario, cache=False)

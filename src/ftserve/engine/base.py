@@ -60,6 +60,7 @@ class RequestState:
     finished: bool = False  # the last output was queued
     scheduled_at: float | None = None  # time.monotonic() when first scheduled
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first scheduling
+    num_drafts: int = 0  # speculative decoding: steps that verified a draft for this request
     num_draft_tokens: int = 0  # speculative decoding: tokens drafted for this request
     num_accepted_tokens: int = 0  # ... and accepted by the target
 
@@ -272,6 +273,7 @@ class LoopEngine(ABC):
         if reason is not None and state.scheduled_at is not None:
             out.queue_s = state.scheduled_at - state.request.arrival_time
             out.num_cached_tokens = state.num_cached_tokens
+            out.num_drafts = state.num_drafts
             out.num_draft_tokens, out.num_accepted_tokens = state.num_draft_tokens, state.num_accepted_tokens
         return out
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from ftserve.engine.batch import ForwardBatch
-from ftserve.engine.qlinear import LINEAR_KEYS, Linear, QuantFormatError, build_linear, dense_linear
+from ftserve.engine.qlinear import LINEAR_KEYS, DenseLinear, Linear, QuantFormatError, build_linear
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SMALL_DECODE_TOKENS = 2048  # decode batches up to this many context tokens in total take the one-shot path
@@ -162,7 +162,6 @@ class NativeLlama:
             return weights[name].to(device=device, dtype=dtype)
 
         self.embed = w("model.embed_tokens.weight")
-        self.lm_head = self.embed if shape.tie_word_embeddings else w("lm_head.weight")
         self.final_norm = w("model.norm.weight")
 
         def linear(*names: str) -> Linear:
@@ -178,6 +177,11 @@ class NativeLlama:
             except QuantFormatError as exc:
                 raise UnsupportedModelError(f"{names[0]}: {exc}") from exc
 
+        # The head: the tied embedding, its own weight, or (a speculative draft's copy) quantized.
+        if "lm_head.qweight" in weights:
+            self.head = linear("lm_head")
+        else:
+            self.head = DenseLinear(self.embed if shape.tie_word_embeddings else w("lm_head.weight"))
         self.layers: list[Layer] = []
         for i in range(shape.num_layers):
             p = f"model.layers.{i}."
@@ -205,8 +209,9 @@ class NativeLlama:
     ) -> torch.Tensor:
         """Logits [S, vocab] (float32) for the rows in ``batch.logits_indices``; writes new KV into ``cache``.
 
-        ``num_layers`` runs only the first layers before the final norm and head: the layer-truncated
-        self-draft of speculative decoding (its KV for those layers is the target's own)."""
+        ``num_layers`` runs only the first layers before the final norm and head (a layer-truncated draft).
+        ``cache`` may hold another dtype than the activations (a bf16 draft reading a float32 target's KV):
+        keys and values are stored, and attention computed, in the cache's dtype."""
         s = self.shape
         h = self.embed[batch.input_ids]
         cos = self.cos[batch.positions].unsqueeze(1)  # [T, 1, D]
@@ -223,9 +228,10 @@ class NativeLlama:
             qk = apply_rope(qk, cos, signed_sin)  # q and k in one pass
             q, k = qk.split((s.num_heads, s.num_kv_heads), dim=1)
             v = v.view(-1, s.num_kv_heads, s.head_dim)
-            cache.k[i].index_copy_(1, batch.slot_mapping, k.transpose(0, 1))
-            cache.v[i].index_copy_(1, batch.slot_mapping, v.transpose(0, 1))
-            attn = plan.attend(q, cache.k[i], cache.v[i]).reshape(-1, q_size)
+            kv_dtype = cache.k.dtype
+            cache.k[i].index_copy_(1, batch.slot_mapping, k.transpose(0, 1).to(kv_dtype))
+            cache.v[i].index_copy_(1, batch.slot_mapping, v.transpose(0, 1).to(kv_dtype))
+            attn = plan.attend(q.to(kv_dtype), cache.k[i], cache.v[i]).reshape(-1, q_size).to(h.dtype)
             out = layer.o(attn)
             if lora is not None:
                 lora.apply(i, ("o_proj",), attn, out, batch)
@@ -241,7 +247,7 @@ class NativeLlama:
                 lora.apply(i, ("down_proj",), act, out, batch)
             h = h + out
         last = rms_norm(h[batch.logits_indices], self.final_norm, s.rms_norm_eps)
-        return dense_linear(last, self.lm_head).float()
+        return self.head(last).float()
 
 
 class _AttentionPlan:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -14,6 +15,7 @@ from ftserve.config import EngineConfig
 from ftserve.engine.base import LoopEngine, RequestState, Results
 from ftserve.engine.batch import SchedulerOutput
 from ftserve.engine.block_manager import BlockManager
+from ftserve.engine.draft_model import DraftModel, load_draft
 from ftserve.engine.loader import HFTokenizer, eos_token_ids, prepare_runtime
 from ftserve.engine.lora import AdapterError, LoraAdapter, LoraManager, load_peft_adapter
 from ftserve.engine.model import KVCache, NativeLlama
@@ -22,13 +24,21 @@ from ftserve.engine.request import AdapterNotFoundError, GenerationOutput, Gener
 from ftserve.engine.runner import build_batch
 from ftserve.engine.sampler import sample_token
 from ftserve.engine.scheduler import Scheduler, Sequence
-from ftserve.engine.speculative import AdaptiveK, PromptLookup, verify
+from ftserve.engine.speculative import verify
+from ftserve.engine.speculator import Speculator
 
 log = logging.getLogger(__name__)
 
 
 class NativeEngine(LoopEngine):
-    def __init__(self, model: NativeLlama, tokenizer: HFTokenizer, eos_ids: frozenset[int], config: EngineConfig):
+    def __init__(
+        self,
+        model: NativeLlama,
+        tokenizer: HFTokenizer,
+        eos_ids: frozenset[int],
+        config: EngineConfig,
+        draft: DraftModel | None = None,
+    ):
         max_len = min(config.max_model_len, model.shape.max_position)
         super().__init__(tokenizer, eos_ids, max_len)
         self.model = model
@@ -37,12 +47,12 @@ class NativeEngine(LoopEngine):
         num_blocks = max(-(-capacity // config.block_size), -(-max_len // config.block_size))
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.cache = KVCache(model.shape, num_blocks, config.block_size, model.dtype, model.device)
-        spec = config.speculative
-        self.drafter = PromptLookup(spec.ngram_max, spec.ngram_min) if spec.drafter == "prompt-lookup" else None
+        if draft is not None:
+            draft.bind(self.cache, model.shape)
+        self.speculator = Speculator(config.speculative, max_len, draft)
         self.scheduler = Scheduler(
-            self.blocks, config.max_num_seqs, config.max_num_batched_tokens, config.max_loras,
-            drafter=self._propose if self.drafter is not None else None,
-        )  # fmt: skip
+            self.blocks, config.max_num_seqs, config.max_num_batched_tokens, config.max_loras, self.speculator
+        )
         self.loras = LoraManager(
             model.shape, config.max_loras, config.max_lora_rank, model.device, model.dtype, config.max_cpu_loras
         )
@@ -63,7 +73,7 @@ class NativeEngine(LoopEngine):
         tokenizer = HFTokenizer(model_dir)
         eos = eos_token_ids(model_dir, tokenizer)
         log.info("loaded %s on %s as %s (%d CPU threads)", model_dir.name, device, dtype, threads)
-        return cls(model, tokenizer, eos, config)
+        return cls(model, tokenizer, eos, config, _draft_or_none(config, model_dir, model))
 
     def adapters(self) -> list[str]:
         return sorted(set(self.loras.registered) - self._draining)
@@ -173,6 +183,8 @@ class NativeEngine(LoopEngine):
     def _plan(self) -> SchedulerOutput | None:
         self._drop_aborted()
         out = self.scheduler.schedule()
+        for seq_id in out.preempted:
+            self.speculator.forget(seq_id)  # its blocks, and the draft KV in them, are gone
         return out if out.chunks else None
 
     def _execute(self, plan: SchedulerOutput) -> Results:
@@ -188,7 +200,10 @@ class NativeEngine(LoopEngine):
                 ]
                 token_slots = torch.tensor(per_token, dtype=torch.long, device=self.model.device)
                 batch.lora = self.loras.batch(token_slots, names)
+            started = time.perf_counter()
             logits = self.model.forward(batch, self.cache, self.loras if names else None)
+            decode = all(c.num_tokens - c.num_draft == 1 for c in plan.chunks)
+            self.speculator.forward_took(time.perf_counter() - started, plan.num_tokens if decode else None)
         except Exception as exc:  # a broken step fails the requests in it, never the engine
             return [(self._seqs[c.seq_id], self.failed(self._seqs[c.seq_id], exc)) for c in plan.chunks]
         for chunk in plan.chunks:
@@ -215,10 +230,7 @@ class NativeEngine(LoopEngine):
             return [greedy[0] if params.greedy else sample_token(logits[0], params, seq.generator)]
         verdict = verify(logits, seq.draft, params, seq.generator)
         seq.num_computed += verdict.accepted  # accepted drafts are the real tokens: their KV stands
-        seq.num_draft_tokens += len(seq.draft)
-        seq.num_accepted_tokens += verdict.accepted
-        if seq.adaptive is not None:
-            seq.adaptive.update(len(seq.draft), verdict.accepted)
+        self.speculator.verified(seq, len(seq.draft), verdict.accepted)
         seq.draft = []
         self.blocks.trim(seq.block_table, len(seq.token_ids) + len(verdict.tokens))  # KV rollback
         return verdict.tokens
@@ -236,26 +248,28 @@ class NativeEngine(LoopEngine):
             raise RuntimeError("no token to accept")
         return merged
 
-    def _propose(self, seq: Sequence, limit: int) -> list[int]:
-        """Draft for one decoding sequence: at most ``limit`` tokens, and never past max_tokens or the context."""
-        if self.drafter is None:
-            return []
-        spec = self.config.speculative
-        room = min(
-            limit, seq.request.params.max_tokens - len(seq.generated) - 1, self.max_model_len - len(seq.token_ids)
-        )
-        if spec.adaptive and seq.adaptive is None:
-            seq.adaptive = AdaptiveK(spec.num_tokens)
-        k = min(room, seq.adaptive.next_k() if seq.adaptive is not None else spec.num_tokens)
-        return self.drafter.propose(seq.token_ids, k) if k > 0 else []
-
     def _release(self, state: RequestState) -> None:
         if isinstance(state, Sequence):
             self.scheduler.remove(state)
+            self.speculator.finished(state)
             self._seqs.pop(state.seq_id, None)
             name = state.request.adapter
             if name in self._draining and not self._in_flight(name):
                 self._unregister(name)  # the last request of an adapter being unloaded has finished
+
+
+def _draft_or_none(config: EngineConfig, model_dir: Path, model: NativeLlama) -> DraftModel | None:
+    """The configured draft model; one that fails to load turns draft-model speculation off, with the reason."""
+    spec = config.speculative
+    if spec.drafter != "draft-model":
+        return None
+    try:
+        draft = load_draft(spec, model_dir, model)
+    except Exception as exc:
+        log.warning("draft model not loaded, speculation by draft model is off: %s", exc)
+        return None
+    log.info("draft model: %s (%s)", draft.name, draft.model.dtype)
+    return draft
 
 
 @register_engine("native")

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ftserve.config import MAX_SPEC_TOKENS, Drafter
+
 
 class FinishReason(enum.StrEnum):
     STOP = "stop"  # an end-of-sequence token or a stop string
@@ -51,6 +53,15 @@ class SamplingParams(BaseModel):
         return self.temperature == 0.0
 
 
+class SpeculationParams(BaseModel):
+    """A request's own speculative-decoding settings; unset fields keep the deployment's."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    drafter: Drafter | None = Field(None, description="none, prompt-lookup or draft-model.")
+    num_tokens: int | None = Field(None, ge=1, le=MAX_SPEC_TOKENS, description="Most tokens drafted per step (k).")
+
+
 @dataclass
 class GenerationRequest:
     """One request as an engine sees it: token ids in, a stream of outputs back."""
@@ -61,6 +72,7 @@ class GenerationRequest:
     adapter: str | None = None  # None: the base model
     arrival_time: float = field(default_factory=time.monotonic)
     deadline: float | None = None  # time.monotonic() past which the request is aborted and its KV freed
+    speculation: SpeculationParams | None = None  # None: the deployment's speculative settings
 
 
 @dataclass
@@ -77,6 +89,7 @@ class GenerationOutput:
     # Set on the last update only:
     queue_s: float | None = None  # arrival → first scheduled (None: never scheduled)
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    num_drafts: int = 0  # speculative decoding: steps that verified a draft
     num_draft_tokens: int = 0  # speculative decoding: tokens proposed
     num_accepted_tokens: int = 0  # speculative decoding: proposed tokens accepted
 

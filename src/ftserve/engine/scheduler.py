@@ -12,8 +12,8 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from ftserve.engine.base import RequestState
 from ftserve.engine.batch import ScheduledChunk, SchedulerOutput
@@ -40,7 +40,20 @@ class Sequence(RequestState):
             self.token_ids = list(self.request.prompt_token_ids)
 
 
-Drafter = Callable[[Sequence, int], list[int]]  # (decoding sequence, most tokens) -> proposed tokens
+class Drafting(Protocol):
+    """Speculative decoding as the scheduler sees it (``engine/speculator.py``)."""
+
+    def begin_step(self, decoding: int) -> None:
+        """A step with about ``decoding`` sequences starts (what a drafted row costs depends on it)."""
+        ...
+
+    def draft_len(self, seq: Sequence, limit: int) -> int:
+        """Tokens to draft for a decoding sequence this step: 0 (none) to ``limit``."""
+        ...
+
+    def propose(self, wants: list[tuple[Sequence, int]]) -> None:
+        """Set ``seq.draft`` to at most ``k`` tokens for each (sequence, k), blocks already reserved."""
+        ...
 
 
 class Scheduler:
@@ -50,10 +63,10 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_loras: int = 1 << 30,
-        drafter: Drafter | None = None,
+        drafting: Drafting | None = None,
     ) -> None:
         self.blocks = blocks
-        self.drafter = drafter
+        self.drafting = drafting
         self.max_loras = max_loras
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -75,6 +88,9 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        wants: list[tuple[Sequence, int]] = []  # decoding sequences that draft, and how many tokens at most
+        if self.drafting is not None:
+            self.drafting.begin_step(len(self.running))
         for seq in list(self.running):
             if budget == 0:
                 break
@@ -82,12 +98,18 @@ class Scheduler:
                 continue
             pending = len(seq.token_ids) - seq.num_computed
             n = min(pending, budget)
-            # A decoding sequence may carry drafted tokens, verified by the same forward.
-            seq.draft = self.drafter(seq, budget - 1) if pending == 1 and self.drafter is not None else []
-            if not self._reserve(seq, seq.num_computed + n + len(seq.draft), out):
+            seq.draft = []
+            # A decoding sequence may carry drafted tokens, verified by the same forward: reserve their blocks
+            # now (a draft model writes its own KV there while drafting), draft once the batch is known.
+            k = self.drafting.draft_len(seq, budget - 1) if pending == 1 and self.drafting is not None else 0
+            if not self._reserve(seq, seq.num_computed + n + k, out):
                 continue
             out.chunks.append(self._chunk(seq, n))
-            budget -= n + len(seq.draft)
+            budget -= n + k
+            if k:
+                wants.append((seq, k))
+        if wants:
+            budget += self._draft([(seq, k) for seq, k in wants if seq in self.running], out)
         adapters = {s.request.adapter for s in self.running} - {None}
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -112,10 +134,26 @@ class Scheduler:
             budget -= n
         return out
 
+    def _draft(self, wants: list[tuple[Sequence, int]], out: SchedulerOutput) -> int:
+        """Fill the drafts of ``wants`` (one batched call) into their chunks; return the budget left unused."""
+        if self.drafting is None or not wants:
+            return 0
+        self.drafting.propose(wants)
+        chunks = {c.seq_id: c for c in out.chunks}
+        unused = 0
+        for seq, k in wants:
+            del seq.draft[k:]
+            chunk = chunks[seq.seq_id]
+            chunk.num_tokens += len(seq.draft)
+            chunk.num_draft = len(seq.draft)
+            unused += k - len(seq.draft)
+            self.blocks.trim(seq.block_table, seq.num_computed + chunk.num_tokens)  # blocks of tokens not drafted
+        return unused
+
     @staticmethod
     def _chunk(seq: Sequence, n: int) -> ScheduledChunk:
         sample = seq.num_computed + n == len(seq.token_ids)
-        return ScheduledChunk(seq.seq_id, seq.num_computed, n + len(seq.draft), sample, num_draft=len(seq.draft))
+        return ScheduledChunk(seq.seq_id, seq.num_computed, n, sample)  # drafts are added by _draft
 
     def _reserve(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
         """Blocks for ``num_tokens`` of ``seq``, preempting the newest running sequences if needed."""

@@ -14,10 +14,10 @@ from typing import Any
 
 import bentoml
 
-from ftserve.config import load_service_config
+from ftserve.config import EngineConfig, load_service_config
 from ftserve.engine.loader import device_name
 from ftserve.engine.protocol import create_engine
-from ftserve.models import ModelStore
+from ftserve.models import ModelStore, ModelStoreError
 from ftserve.service.admin import AdminService
 from ftserve.service.cost import CostMeter
 from ftserve.service.grpc_server import GrpcServer
@@ -39,14 +39,29 @@ def _arguments() -> dict[str, Any]:
     workers=1,  # one engine per process; scale out with replicas (the engine batches inside itself)
     traffic={"timeout": 900, "max_concurrency": 512},
 )
+def with_draft_folder(config: EngineConfig, store: ModelStore) -> EngineConfig:
+    """A draft model named as models are (a bundled name or a folder) becomes its folder. One that cannot
+    be found is left for the engine, which logs why and serves without it."""
+    spec = config.speculative
+    if spec.draft_model is None:
+        return config
+    try:
+        folder = store.resolve(spec.draft_model)
+    except ModelStoreError as exc:
+        log.warning("draft model: %s", exc)
+        return config
+    return config.model_copy(update={"speculative": spec.model_copy(update={"draft_model": str(folder)})})
+
+
 @bentoml.asgi_app(v1, path="/v1")
 class FTServe:
     def __init__(self) -> None:
         overrides = _arguments()
         config_path = overrides.pop("config", None)
         self.config = load_service_config(config_path, overrides)
-        model_dir = ModelStore(self.config.store.home).pull(self.config.model)
-        self.engine = create_engine(model_dir, self.config.engine)
+        store = ModelStore(self.config.store.home)
+        model_dir = store.pull(self.config.model)
+        self.engine = create_engine(model_dir, with_draft_folder(self.config.engine, store))
         cache_config = self.config.response_cache
         cache = ResponseCache(cache_config.max_bytes, cache_config.ttl_s) if cache_config.enabled else None
         cost = CostMeter(self.config.pricing, device_name(self.config.engine.device))

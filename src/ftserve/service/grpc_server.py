@@ -75,6 +75,9 @@ def openai_request(req: pb.GenerateRequest) -> ChatCompletionRequest | Completio
         data["stop"] = list(s.stop)
     if s.ignore_eos:
         data["ignore_eos"] = True
+    if req.HasField("speculation"):
+        spec = req.speculation
+        data["speculative"] = {name: getattr(spec, name) for name in ("drafter", "num_tokens") if spec.HasField(name)}
     kind = req.WhichOneof("input")
     if kind == "chat":
         data["messages"] = [{"role": m.role, "content": m.content} for m in req.chat.messages]

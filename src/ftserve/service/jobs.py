@@ -6,7 +6,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from ftserve.engine.request import FinishReason, GenerationOutput, SamplingParams
+from ftserve.engine.request import FinishReason, GenerationOutput, SamplingParams, SpeculationParams
 from ftserve.service import metrics
 from ftserve.service.cost import CostMeter
 from ftserve.service.response_cache import CachedResponse
@@ -21,6 +21,7 @@ class Job:
     adapter: str | None
     prompt_ids: list[int]
     params: SamplingParams
+    speculation: SpeculationParams | None = None  # the request's own speculative-decoding settings
     started: float = field(default_factory=time.monotonic)
     deadline: float | None = None  # time.monotonic() by which it must end (the client's, e.g. a gRPC deadline)
     first_token_at: float | None = None

@@ -65,6 +65,9 @@ RESPONSE_CACHE_LOOKUPS = Counter(
 RESPONSE_CACHE_HITS = Counter(
     "ftserve_response_cache_hits", "Requests answered from the response cache (engine not used).", REQUEST_LABELS
 )
+SPEC_DRAFTS = Counter(
+    "ftserve_spec_decode_num_drafts", "Speculative decoding: steps that verified a draft.", REQUEST_LABELS
+)
 SPEC_DRAFT_TOKENS = Counter(
     "ftserve_spec_decode_num_draft_tokens", "Speculative decoding: tokens proposed.", REQUEST_LABELS
 )
@@ -190,5 +193,6 @@ def observe_request(
         PREFIX_CACHE_QUERIES.labels(**labels).inc(prompt_tokens)
         PREFIX_CACHE_HITS.labels(**labels).inc(final.num_cached_tokens)
     # Zero until the engine speculates; incremented anyway so the series exist per adapter.
+    SPEC_DRAFTS.labels(**labels).inc(final.num_drafts if final is not None else 0)
     SPEC_DRAFT_TOKENS.labels(**labels).inc(final.num_draft_tokens if final is not None else 0)
     SPEC_ACCEPTED_TOKENS.labels(**labels).inc(final.num_accepted_tokens if final is not None else 0)

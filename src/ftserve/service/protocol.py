@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ftserve.engine.protocol import AdapterInfo
+from ftserve.engine.request import SpeculationParams
 
 
 class _Request(BaseModel):
@@ -41,7 +42,7 @@ class ResponseFormat(_Request):
 
 
 class _SamplingFields(_Request):
-    """Fields shared by chat and text completions. Extensions beyond OpenAI: top_k, ignore_eos."""
+    """Fields shared by chat and text completions. Extensions beyond OpenAI: top_k, ignore_eos, speculative."""
 
     model: str = Field(min_length=1)
     max_tokens: int | None = None
@@ -58,6 +59,9 @@ class _SamplingFields(_Request):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     ignore_eos: bool = False
+    speculative: SpeculationParams | None = Field(
+        None, description="This request's speculative decoding: drafter (none, prompt-lookup, draft-model), num_tokens."
+    )
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

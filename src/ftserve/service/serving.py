@@ -200,7 +200,8 @@ class OpenAIServing:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         prompt_ids = self.engine.tokenizer.apply_chat_template(messages)
         max_tokens = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
-        return Job(new_id("chatcmpl"), req.model, adapter, prompt_ids, self._sampling(req, max_tokens, len(prompt_ids)))
+        params = self._sampling(req, max_tokens, len(prompt_ids))
+        return Job(new_id("chatcmpl"), req.model, adapter, prompt_ids, params, req.speculative)
 
     async def completion_job(self, req: CompletionRequest) -> Job:
         if req.echo:
@@ -226,7 +227,8 @@ class OpenAIServing:
         if not prompt_ids:
             raise errors.bad_request("prompt is empty", param="prompt")
         adapter = await self.resolve_adapter(req.model)
-        return Job(new_id("cmpl"), req.model, adapter, prompt_ids, self._sampling(req, req.max_tokens, len(prompt_ids)))
+        params = self._sampling(req, req.max_tokens, len(prompt_ids))
+        return Job(new_id("cmpl"), req.model, adapter, prompt_ids, params, req.speculative)
 
     # -- generation ------------------------------------------------------------------------------------
 
@@ -237,7 +239,9 @@ class OpenAIServing:
         if job.deadline is not None:
             deadline = job.deadline if deadline is None else min(deadline, job.deadline)
         stream = self.engine.generate(
-            GenerationRequest(job.rid, job.prompt_ids, job.params, job.adapter, deadline=deadline)
+            GenerationRequest(
+                job.rid, job.prompt_ids, job.params, job.adapter, deadline=deadline, speculation=job.speculation
+            )
         )
         try:
             first = await anext(stream)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66tserve/v1/ftserve.proto\x12\nftserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"1\n\x04\x43hat\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.ftserve.v1.ChatMessage\"\xdc\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\x8b\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12 \n\x04\x63hat\x18\x02 \x01(\x0b\x32\x10.ftserve.v1.ChatH\x00\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.ftserve.v1.SamplingParamsB\x07\n\x05input\"-\n\nTokenChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\\\n\x05\x46inal\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.ftserve.v1.Usage\x12\x0e\n\x06\x63\x61\x63hed\x18\x04 \x01(\x08\"g\n\x10GenerateResponse\x12\'\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x16.ftserve.v1.TokenChunkH\x00\x12\"\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x11.ftserve.v1.FinalH\x00\x42\x06\n\x04kind\"\x13\n\x11ListModelsRequest\"5\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12\x0e\n\x06parent\x18\x03 \x01(\t\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.ftserve.v1.Model\"R\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x06pinned\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x0e\n\x06reload\x18\x03 \x01(\x08\x42\t\n\x07_pinned\"\x84\x01\n\rAdapterStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tresidency\x18\x03 \x01(\t\x12\x0e\n\x06pinned\x18\x04 \x01(\x08\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x11\n\tin_flight\x18\x06 \x01(\r\x12\x10\n\x08\x64raining\x18\x07 \x01(\x08\"\x15\n\x13ListAdaptersRequest\"V\n\x14ListAdaptersResponse\x12+\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x19.ftserve.v1.AdapterStatus\x12\x11\n\tavailable\x18\x02 \x03(\t\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"H\n\x15UnloadAdapterResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x11\n\tin_flight\x18\x03 \x01(\r2\x95\x03\n\nGeneration\x12G\n\x08Generate\x12\x1b.ftserve.v1.GenerateRequest\x1a\x1c.ftserve.v1.GenerateResponse0\x01\x12K\n\nListModels\x12\x1d.ftserve.v1.ListModelsRequest\x1a\x1e.ftserve.v1.ListModelsResponse\x12Q\n\x0cListAdapters\x12\x1f.ftserve.v1.ListAdaptersRequest\x1a .ftserve.v1.ListAdaptersResponse\x12H\n\x0bLoadAdapter\x12\x1e.ftserve.v1.LoadAdapterRequest\x1a\x19.ftserve.v1.AdapterStatus\x12T\n\rUnloadAdapter\x12 .ftserve.v1.UnloadAdapterRequest\x1a!.ftserve.v1.UnloadAdapterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66tserve/v1/ftserve.proto\x12\nftserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"1\n\x04\x43hat\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.ftserve.v1.ChatMessage\"\xdc\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"W\n\x0bSpeculation\x12\x14\n\x07\x64rafter\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x17\n\nnum_tokens\x18\x02 \x01(\rH\x01\x88\x01\x01\x42\n\n\x08_drafterB\r\n\x0b_num_tokens\"\xce\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12 \n\x04\x63hat\x18\x02 \x01(\x0b\x32\x10.ftserve.v1.ChatH\x00\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.ftserve.v1.SamplingParams\x12\x31\n\x0bspeculation\x18\x05 \x01(\x0b\x32\x17.ftserve.v1.SpeculationH\x01\x88\x01\x01\x42\x07\n\x05inputB\x0e\n\x0c_speculation\"-\n\nTokenChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\\\n\x05\x46inal\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.ftserve.v1.Usage\x12\x0e\n\x06\x63\x61\x63hed\x18\x04 \x01(\x08\"g\n\x10GenerateResponse\x12\'\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x16.ftserve.v1.TokenChunkH\x00\x12\"\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x11.ftserve.v1.FinalH\x00\x42\x06\n\x04kind\"\x13\n\x11ListModelsRequest\"5\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12\x0e\n\x06parent\x18\x03 \x01(\t\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.ftserve.v1.Model\"R\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x06pinned\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x0e\n\x06reload\x18\x03 \x01(\x08\x42\t\n\x07_pinned\"\x84\x01\n\rAdapterStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tresidency\x18\x03 \x01(\t\x12\x0e\n\x06pinned\x18\x04 \x01(\x08\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x11\n\tin_flight\x18\x06 \x01(\r\x12\x10\n\x08\x64raining\x18\x07 \x01(\x08\"\x15\n\x13ListAdaptersRequest\"V\n\x14ListAdaptersResponse\x12+\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x19.ftserve.v1.AdapterStatus\x12\x11\n\tavailable\x18\x02 \x03(\t\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"H\n\x15UnloadAdapterResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x11\n\tin_flight\x18\x03 \x01(\r2\x95\x03\n\nGeneration\x12G\n\x08Generate\x12\x1b.ftserve.v1.GenerateRequest\x1a\x1c.ftserve.v1.GenerateResponse0\x01\x12K\n\nListModels\x12\x1d.ftserve.v1.ListModelsRequest\x1a\x1e.ftserve.v1.ListModelsResponse\x12Q\n\x0cListAdapters\x12\x1f.ftserve.v1.ListAdaptersRequest\x1a .ftserve.v1.ListAdaptersResponse\x12H\n\x0bLoadAdapter\x12\x1e.ftserve.v1.LoadAdapterRequest\x1a\x19.ftserve.v1.AdapterStatus\x12T\n\rUnloadAdapter\x12 .ftserve.v1.UnloadAdapterRequest\x1a!.ftserve.v1.UnloadAdapterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,34 +37,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHAT']._serialized_end=135
   _globals['_SAMPLINGPARAMS']._serialized_start=138
   _globals['_SAMPLINGPARAMS']._serialized_end=358
-  _globals['_GENERATEREQUEST']._serialized_start=361
-  _globals['_GENERATEREQUEST']._serialized_end=500
-  _globals['_TOKENCHUNK']._serialized_start=502
-  _globals['_TOKENCHUNK']._serialized_end=547
-  _globals['_USAGE']._serialized_start=549
-  _globals['_USAGE']._serialized_end=628
-  _globals['_FINAL']._serialized_start=630
-  _globals['_FINAL']._serialized_end=722
-  _globals['_GENERATERESPONSE']._serialized_start=724
-  _globals['_GENERATERESPONSE']._serialized_end=827
-  _globals['_LISTMODELSREQUEST']._serialized_start=829
-  _globals['_LISTMODELSREQUEST']._serialized_end=848
-  _globals['_MODEL']._serialized_start=850
-  _globals['_MODEL']._serialized_end=903
-  _globals['_LISTMODELSRESPONSE']._serialized_start=905
-  _globals['_LISTMODELSRESPONSE']._serialized_end=960
-  _globals['_LOADADAPTERREQUEST']._serialized_start=962
-  _globals['_LOADADAPTERREQUEST']._serialized_end=1044
-  _globals['_ADAPTERSTATUS']._serialized_start=1047
-  _globals['_ADAPTERSTATUS']._serialized_end=1179
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1181
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1202
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1204
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1290
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1292
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1328
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1330
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1402
-  _globals['_GENERATION']._serialized_start=1405
-  _globals['_GENERATION']._serialized_end=1810
+  _globals['_SPECULATION']._serialized_start=360
+  _globals['_SPECULATION']._serialized_end=447
+  _globals['_GENERATEREQUEST']._serialized_start=450
+  _globals['_GENERATEREQUEST']._serialized_end=656
+  _globals['_TOKENCHUNK']._serialized_start=658
+  _globals['_TOKENCHUNK']._serialized_end=703
+  _globals['_USAGE']._serialized_start=705
+  _globals['_USAGE']._serialized_end=784
+  _globals['_FINAL']._serialized_start=786
+  _globals['_FINAL']._serialized_end=878
+  _globals['_GENERATERESPONSE']._serialized_start=880
+  _globals['_GENERATERESPONSE']._serialized_end=983
+  _globals['_LISTMODELSREQUEST']._serialized_start=985
+  _globals['_LISTMODELSREQUEST']._serialized_end=1004
+  _globals['_MODEL']._serialized_start=1006
+  _globals['_MODEL']._serialized_end=1059
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1061
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1116
+  _globals['_LOADADAPTERREQUEST']._serialized_start=1118
+  _globals['_LOADADAPTERREQUEST']._serialized_end=1200
+  _globals['_ADAPTERSTATUS']._serialized_start=1203
+  _globals['_ADAPTERSTATUS']._serialized_end=1335
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1337
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1358
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1360
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1446
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1448
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1484
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1486
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1558
+  _globals['_GENERATION']._serialized_start=1561
+  _globals['_GENERATION']._serialized_end=1966
 # @@protoc_insertion_point(module_scope)
