@@ -7,11 +7,14 @@ Scenarios (``requests`` prompts each, greedy, stopping at EOS or ``max_new_token
 - ``chat``: open questions, where little of the answer is in the prompt.
 
 Each scenario runs at each batch size (that many requests in flight at once) with drafter ``none``,
-``prompt-lookup`` and ``draft-model`` (one set of rows per ``drafts`` entry), chosen per request on one
-engine, the cases interleaved within each repeat so drift hits them alike. A row: ``tokens_per_s`` (decode
-speed of a stream: tokens after each request's first over the time from its first token to its last, median of
-``repeats``), ``throughput_tokens_per_s`` (all output tokens over the case's wall time, prefill included),
-``speedup`` (``tokens_per_s`` vs ``none``, same scenario and batch),
+``prompt-lookup`` (``history: true``, the default, also drafting from earlier outputs of the same adapter in
+the run; ``history: false``, the request's own text only) and ``draft-model`` (one set of rows per ``drafts``
+entry), chosen per request, the cases interleaved within each repeat so drift hits them alike. Every run
+starts with an empty output history, so no prompt's answer is drafted from an earlier run of that prompt.
+
+A row: ``tokens_per_s`` (decode speed of a stream: tokens after each request's first over the time from
+its first token to its last, median of ``repeats``), ``throughput_tokens_per_s`` (all output tokens over the
+case's wall time, prefill included), ``speedup`` (``tokens_per_s`` vs ``none``, same scenario and batch),
 ``acceptance_rate`` (accepted / drafted tokens) and ``same_output`` (every request's tokens equal the
 ``none`` run's: greedy speculation must not change them).
 """

@@ -134,10 +134,10 @@ class Speculator:
             seq.adaptive.update(drafted, accepted)
 
     def finished(self, seq: Sequence) -> None:
-        """A request ended: remember its output for prompt lookup, drop its draft KV."""
+        """A request ended: drop its draft KV; if it drafted by prompt lookup, remember its output for that."""
         if self.draft is not None:
             self.draft.forget(seq.seq_id)
-        history = self._history(seq)
+        history = self._history(seq) if self.drafter_of(seq) == "prompt-lookup" else None
         if history is not None and seq.generated and not seq.aborted:
             history.add(seq.request.prompt_token_ids, seq.generated)
 
