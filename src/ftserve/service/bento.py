@@ -34,11 +34,6 @@ def _arguments() -> dict[str, Any]:
     return dict(vars(bentoml.use_arguments()))
 
 
-@bentoml.service(
-    name="ftserve",
-    workers=1,  # one engine per process; scale out with replicas (the engine batches inside itself)
-    traffic={"timeout": 900, "max_concurrency": 512},
-)
 def with_draft_folder(config: EngineConfig, store: ModelStore) -> EngineConfig:
     """A draft model named as models are (a bundled name or a folder) becomes its folder. One that cannot
     be found is left for the engine, which logs why and serves without it."""
@@ -53,6 +48,11 @@ def with_draft_folder(config: EngineConfig, store: ModelStore) -> EngineConfig:
     return config.model_copy(update={"speculative": spec.model_copy(update={"draft_model": str(folder)})})
 
 
+@bentoml.service(
+    name="ftserve",
+    workers=1,  # one engine per process; scale out with replicas (the engine batches inside itself)
+    traffic={"timeout": 900, "max_concurrency": 512},
+)
 @bentoml.asgi_app(v1, path="/v1")
 class FTServe:
     def __init__(self) -> None:
