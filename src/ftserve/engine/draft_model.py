@@ -55,7 +55,6 @@ class DraftModel:
         self.num_layers = num_layers
         self.name = name
         self.share_kv = share_kv  # use the target's KV cache when the layouts allow it
-        self.block_size = 0
         self.cache: KVCache | None = None
         self.shared = False  # the draft reads (and scribbles past) the target's own KV cache
         self._written: dict[int, _Written] = {}
@@ -64,7 +63,6 @@ class DraftModel:
     def bind(self, target_cache: KVCache, target_shape: ModelShape) -> None:
         """Give the draft its KV cache: the target's own when the KV layouts match (see the module docstring),
         else one of its own laid out like the target's, whose block tables it reads."""
-        self.block_size = target_cache.block_size
         mine = self.model.shape
         layers = self.num_layers or mine.num_layers
         same_layout = (mine.num_kv_heads, mine.head_dim) == (target_shape.num_kv_heads, target_shape.head_dim)
@@ -72,7 +70,9 @@ class DraftModel:
         if self.shared:
             self.cache = target_cache
         else:
-            self.cache = KVCache(mine, target_cache.num_blocks, self.block_size, self.model.dtype, self.model.device)
+            self.cache = KVCache(
+                mine, target_cache.num_blocks, target_cache.block_size, self.model.dtype, self.model.device
+            )
 
     def forget(self, seq_id: int) -> None:
         """The sequence finished or lost its blocks (preemption): its draft KV is gone."""
@@ -81,23 +81,24 @@ class DraftModel:
     def propose(self, wants: list[tuple[Sequence, int]]) -> list[list[int]]:
         """Greedy drafts, ``k`` tokens for each (sequence, k): k batched forwards of one token per sequence,
         the first also catching up on tokens the draft has not seen."""
-        if self.cache is None:
+        cache = self.cache
+        if cache is None:
             raise RuntimeError("draft model used before bind()")
         drafts: list[list[int]] = [[] for _ in wants]
         self.pass_s = []
         for step in range(max(k for _, k in wants)):
             active = [i for i, (_, k) in enumerate(wants) if k > step]
             pieces = [self._piece(wants[i][0], drafts[i]) for i in active]
-            batch = pack(pieces, self.block_size, self.model.device)
+            batch = pack(pieces, cache.block_size, self.model.device)
             started = time.perf_counter()
-            logits = self.model.forward(batch, self.cache, None, self.num_layers)
+            logits = self.model.forward(batch, cache, None, self.num_layers)
             if max(batch.query_lens) <= 2:  # a plain drafting pass, not a catch-up on many tokens
                 self.pass_s.append(time.perf_counter() - started)
             for i, token in zip(active, logits.argmax(dim=-1).tolist(), strict=True):
                 drafts[i].append(token)
-        for (seq, _), draft in zip(wants, drafts, strict=True):
-            # KV now stands for every known token and every draft but the last (never fed back in).
-            self._written[seq.seq_id] = _Written(len(seq.token_ids), draft[:-1])
+        if not self.shared:  # its own KV now stands for every known token and every draft but the last
+            for (seq, _), draft in zip(wants, drafts, strict=True):
+                self._written[seq.seq_id] = _Written(len(seq.token_ids), draft[:-1])
         return drafts
 
     def _piece(self, seq: Sequence, draft: list[int]) -> Piece:
@@ -148,12 +149,12 @@ def load_draft(spec: SpeculativeConfig, target_dir: Path, target: NativeLlama) -
 
 
 def _quantized_copy(target_dir: Path, target: NativeLlama, method: str) -> NativeLlama:
-    from ftserve.optimize.quantize import get_quantizer, quantize_int8  # the optimize stage's RTN: seconds
+    # The optimize stage's quantize step (round to nearest: seconds), imported only when a draft is made.
+    from ftserve.optimize.quantize import quantize_int8
+    from ftserve.optimize.recipe import QuantizeStep
+    from ftserve.optimize.runner import quantize
 
-    quantizer = get_quantizer(method)
-    state = read_state(target_dir)
-    quantizer.check(state)
-    state = quantizer.convert(state, quantizer.prepare(state))
+    state, _ = quantize(QuantizeStep(step="quantize", method=method), read_state(target_dir), target_dir)
     # The head too, in INT8 (the optimize stage keeps it dense for quality; a draft only needs its argmax):
     # 3.1 -> 2.0 ms of a ~25 ms draft step here.
     head = state["model.embed_tokens.weight"] if target.shape.tie_word_embeddings else state.pop("lm_head.weight")

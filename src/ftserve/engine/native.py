@@ -228,7 +228,7 @@ class NativeEngine(LoopEngine):
         params = seq.request.params
         if not seq.draft:
             return [greedy[0] if params.greedy else sample_token(logits[0], params, seq.generator)]
-        verdict = verify(logits, seq.draft, params, seq.generator)
+        verdict = verify(logits, seq.draft, params, seq.generator, greedy)
         seq.num_computed += verdict.accepted  # accepted drafts are the real tokens: their KV stands
         self.speculator.verified(seq, len(seq.draft), verdict.accepted)
         seq.draft = []

@@ -108,8 +108,7 @@ class Scheduler:
             budget -= n + k
             if k:
                 wants.append((seq, k))
-        if wants:
-            budget += self._draft([(seq, k) for seq, k in wants if seq in self.running], out)
+        budget += self._draft([(seq, k) for seq, k in wants if seq in self.running], out)
         adapters = {s.request.adapter for s in self.running} - {None}
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]

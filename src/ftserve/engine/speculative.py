@@ -85,10 +85,14 @@ class Verdict:
 
 
 def verify(
-    logits: torch.Tensor, draft: list[int], params: SamplingParams, generator: torch.Generator | None
+    logits: torch.Tensor,
+    draft: list[int],
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    argmax: list[int] | None = None,
 ) -> Verdict:
     """Check ``draft`` against the target's ``logits`` rows ([len(draft) + 1, vocab]): row ``i`` predicts the
-    token after draft ``i - 1``.
+    token after draft ``i - 1``. ``argmax``: those rows' argmax, when the caller has it already.
 
     Greedy: keep drafts while they equal the target's argmax, then emit the argmax where they first differ
     (or after the last draft): exactly the tokens plain decoding would give.
@@ -99,7 +103,7 @@ def verify(
     distributed exactly as the target's p, the same filtered distribution plain sampling uses.
     """
     if params.greedy:
-        best = logits.argmax(dim=-1).tolist()
+        best = logits.argmax(dim=-1).tolist() if argmax is None else argmax
         kept = 0
         while kept < len(draft) and draft[kept] == best[kept]:
             kept += 1

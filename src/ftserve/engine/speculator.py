@@ -55,10 +55,12 @@ class Speculator:
         self._draft_s: float | None = None  # time one draft pass took this step, until the forward is timed
         self.histories: dict[str | None, OutputHistory] = {}  # by adapter namespace (None: the base model)
         self.step_time = StepTime()
-        self._batch = 1  # sequences decoding in the current step
+        self._row_cost = VERIFY_COST_PER_TOKEN  # one more verified row this step (see token_cost)
 
     def begin_step(self, decoding: int) -> None:
-        self._batch = max(1, decoding)
+        """What one more verified row costs a sequence in a step of ``decoding`` rows: a row is cheap next to
+        the weights a small batch reads anyway, and dear once the batch is large enough to be compute-bound."""
+        self._row_cost = self.step_time.row_share(max(1, decoding))
 
     @property
     def available(self) -> tuple[Drafter, ...]:
@@ -85,7 +87,7 @@ class Speculator:
         if self.config.adaptive:
             if seq.adaptive is None:
                 seq.adaptive = AdaptiveK(k)
-            k = seq.adaptive.next_k(self.token_cost(drafter, self._batch))
+            k = seq.adaptive.next_k(self.token_cost(drafter))
         room = seq.request.params.max_tokens - len(seq.generated) - 1
         return max(0, min(k, limit, room, self.max_model_len - len(seq.token_ids)))
 
@@ -119,12 +121,10 @@ class Speculator:
         if rows is not None:
             self.step_time.add(rows, seconds)
 
-    def token_cost(self, drafter: Drafter, batch: int) -> float:
-        """What drafting one more token costs a sequence, as a fraction of its share of a plain step: drafting
-        it (a draft model) plus verifying it, one more row in a step of ``batch`` rows. A row is cheap next to
-        the weights a small batch reads anyway, and dear once the batch is large enough to be compute-bound."""
-        verify = self.step_time.row_share(batch)
-        return verify + (self.draft_cost if drafter == "draft-model" else 0.0)
+    def token_cost(self, drafter: Drafter) -> float:
+        """What drafting one more token costs a sequence this step, as a fraction of its share of a plain step:
+        drafting it (a draft model) plus verifying it (one more row, see :meth:`begin_step`)."""
+        return self._row_cost + (self.draft_cost if drafter == "draft-model" else 0.0)
 
     def verified(self, seq: Sequence, drafted: int, accepted: int) -> None:
         seq.num_drafts += 1
