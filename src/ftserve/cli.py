@@ -19,6 +19,7 @@ from ftserve.bench.workloads import EngineBenchConfig
 from ftserve.client_cli import add_client_commands
 from ftserve.config import DEFAULT_MODEL, ConfigError, StoreConfig, load_service_config
 from ftserve.models import BUNDLED, ModelStore, ModelStoreError
+from ftserve.report.cli import add_cost_command
 from ftserve.train.formats import DataError
 
 log = logging.getLogger("ftserve")
@@ -130,6 +131,16 @@ def cmd_bench_spec(ns: argparse.Namespace) -> int:
     config = validated(SpecBenchConfig, ns, "bench spec")
     adapter = [config.adapter / "adapter_model.safetensors"] if config.adapter is not None else []
     return _bench(ns, config, [config.extract_items, *adapter], run_spec_bench)
+
+
+def cmd_bench_soak(ns: argparse.Namespace) -> int:
+    from ftserve.bench.soak import SoakBenchConfig, run_soak
+
+    config = validated(SoakBenchConfig, ns, "bench soak")
+    home = options_to(StoreConfig, ns).home
+    ModelStore(home).pull(DEFAULT_MODEL)  # the default deployment's model, provisioned as make serve does
+    row = run_soak(config, home, ns.json_path, Path.cwd())[0]
+    return 0 if row["failures"] == 0 and not row["steady_growth"] else 1
 
 
 def cmd_data_generate(ns: argparse.Namespace) -> int:
@@ -247,10 +258,29 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. engine.dtype=float32")
     show.set_defaults(func=cmd_config_show)
     add_client_commands(groups)
+    _add_loadtest(groups)
+    add_cost_command(groups)
     return parser
 
 
+def cmd_loadtest(ns: argparse.Namespace) -> int:
+    from ftserve.loadtest.cli import cmd_loadtest as run
+    from ftserve.loadtest.settings import LoadtestConfig
+
+    return run(ns, validated(LoadtestConfig, ns, "loadtest"))
+
+
+def _add_loadtest(groups: Any) -> None:
+    from ftserve.loadtest.settings import LoadtestConfig
+
+    sub = groups.add_parser("loadtest", help="Locust, headless, against a running service: report + SLO verdict")
+    sub.add_argument("--json", dest="json_path", type=Path, default=None, metavar="FILE", help="JSON report here")
+    add_model_options(sub, LoadtestConfig)
+    sub.set_defaults(func=cmd_loadtest)
+
+
 def _add_benches(bench_actions: Any) -> None:
+    from ftserve.bench.soak import SoakBenchConfig
     from ftserve.bench.spec_settings import SpecBenchConfig
     from ftserve.bench.variants import OptimizeBenchConfig
 
@@ -267,6 +297,12 @@ def _add_benches(bench_actions: Any) -> None:
             "speculative decoding (prompt lookup, draft model) vs plain decoding, grounded and chat",
             SpecBenchConfig,
             cmd_bench_spec,
+        ),
+        (
+            "soak",
+            "the default deployment under steady load for 10 minutes: memory growth and errors",
+            SoakBenchConfig,
+            cmd_bench_soak,
         ),
     ]
     for name, help_text, settings, func in benches:

@@ -50,6 +50,13 @@ class Ask:
     temperature: float | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    drafter: str | None = None  # speculative decoding for this request: none, prompt-lookup or draft-model
+    draft_tokens: int | None = None  # most tokens drafted per step
+
+    def speculative(self) -> dict[str, Any]:
+        """The request's own speculative-decoding settings (empty: the deployment's)."""
+        given = {"drafter": self.drafter, "num_tokens": self.draft_tokens}
+        return {k: v for k, v in given.items() if v is not None}
 
 
 class Client(Protocol):
@@ -80,10 +87,11 @@ class GrpcClient:
         sampling = pb.SamplingParams(
             max_tokens=ask.max_tokens, temperature=ask.temperature, seed=ask.seed, stop=ask.stop
         )
+        speculation = pb.Speculation(**ask.speculative()) if ask.speculative() else None
         if ask.messages is not None:
             chat = pb.Chat(messages=[pb.ChatMessage(role=r, content=c) for r, c in ask.messages])
-            return pb.GenerateRequest(model=ask.model, chat=chat, sampling=sampling)
-        return pb.GenerateRequest(model=ask.model, prompt=ask.prompt or "", sampling=sampling)
+            return pb.GenerateRequest(model=ask.model, chat=chat, sampling=sampling, speculation=speculation)
+        return pb.GenerateRequest(model=ask.model, prompt=ask.prompt or "", sampling=sampling, speculation=speculation)
 
     def stream(self, ask: Ask, completion: Completion) -> Iterator[str]:
         try:
@@ -139,6 +147,8 @@ class RestClient:
                 body[name] = getattr(ask, name)
         if ask.stop:
             body["stop"] = ask.stop
+        if ask.speculative():
+            body["speculative"] = ask.speculative()
         if ask.messages is not None:
             body["messages"] = [{"role": r, "content": c} for r, c in ask.messages]
         else:

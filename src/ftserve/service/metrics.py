@@ -65,6 +65,12 @@ RESPONSE_CACHE_LOOKUPS = Counter(
 RESPONSE_CACHE_HITS = Counter(
     "ftserve_response_cache_hits", "Requests answered from the response cache (engine not used).", REQUEST_LABELS
 )
+REQUEST_REJECTED = Counter(
+    "ftserve_request_rejected",
+    "Requests refused before generation by the server's state (queue full, engine not ready); client errors "
+    "(bad input, unknown model) are not counted.",
+    (*REQUEST_LABELS, "reason"),
+)
 SPEC_DRAFTS = Counter(
     "ftserve_spec_decode_num_drafts", "Speculative decoding: steps that verified a draft.", REQUEST_LABELS
 )
@@ -99,6 +105,11 @@ ADAPTER_LOAD_TIME = Histogram(
     ("adapter",),
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
+ADAPTER_LOAD_FAILURES = Counter(
+    "ftserve_adapter_load_failures",
+    "Adapter loads that failed (unreadable, not safetensors, wrong base model or rank too large).",
+    ("adapter",),
+)
 ADAPTER_RESIDENT = Gauge(
     "ftserve_adapter_resident",
     "1 for each registered adapter at its residency (device, cpu or disk).",
@@ -115,6 +126,7 @@ COST_USD = Counter(
 )
 
 RESIDENCIES = ("device", "cpu", "disk")
+REJECT_REASONS = ("queue_full", "not_ready")
 
 
 def label(adapter: str | None) -> str:
@@ -179,6 +191,8 @@ def observe_request(
     """A finished request. ``engine`` is (prompt tokens, generated tokens, last output) when the engine
     served it, None for a response-cache hit (no tokens processed, nothing queued)."""
     labels = {"adapter": adapter, "protocol": protocol}
+    for reason in REJECT_REASONS:  # zero until a refusal, so error ratios have a series to divide
+        REQUEST_REJECTED.labels(**labels, reason=reason)
     if ttft_s is not None:
         TIME_TO_FIRST_TOKEN.labels(**labels).observe(ttft_s)
     E2E_LATENCY.labels(**labels).observe(e2e_s)

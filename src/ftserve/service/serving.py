@@ -91,7 +91,12 @@ class OpenAIServing:
     async def load_adapter(self, name: str, path: Path) -> None:
         """Load (or reload) an adapter: timed, its cached responses dropped, residency refreshed."""
         started = time.monotonic()
-        await self.engine.load_adapter(name, path)
+        failures = metrics.ADAPTER_LOAD_FAILURES.labels(adapter=name)  # the series exists (at 0) from now on
+        try:
+            await self.engine.load_adapter(name, path)
+        except AdapterError:
+            failures.inc()
+            raise
         metrics.ADAPTER_LOAD_TIME.labels(adapter=name).observe(time.monotonic() - started)
         if self.cache is not None:
             self.cache.invalidate(name)
@@ -246,10 +251,12 @@ class OpenAIServing:
         try:
             first = await anext(stream)
         except QueueFullError as exc:
+            self._rejected(job, "queue_full")
             raise errors.too_many_requests(str(exc)) from None
         except AdapterNotFoundError as exc:
             raise errors.not_found(str(exc), param="model") from None
         except EngineNotReadyError as exc:
+            self._rejected(job, "not_ready")
             raise errors.unavailable(str(exc)) from None
         except ValueError as exc:
             raise errors.bad_request(str(exc)) from None
@@ -257,6 +264,11 @@ class OpenAIServing:
             await stream.aclose()
             raise
         return prepend(first, stream)
+
+    def _rejected(self, job: Job, reason: str) -> None:
+        """A request the server's state refused (counted against the availability SLO, unlike bad input)."""
+        labels = {"adapter": metrics.label(job.adapter), "protocol": self.protocol}
+        metrics.REQUEST_REJECTED.labels(**labels, reason=reason).inc()
 
     def _lookup(self, job: Job) -> CachedResponse | None:
         """The cached response of a deterministic request, keyed on the adapter's current version."""

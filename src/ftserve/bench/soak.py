@@ -1,0 +1,142 @@
+"""``ftserve bench soak``: the default deployment under steady load for a long run (10 minutes by default),
+reporting memory growth and errors.
+
+It starts its own ``bentoml serve`` (the default deployment, as ``make serve`` runs it), drives it with the
+load test's Locust users, and samples the resident memory of the server's whole process tree every few
+seconds. The first minutes are warm-up (caches fill, the allocator settles) and are left out; after them,
+the memory trend is a least-squares slope, and growth is the median of the last window minus the median of
+the first. The baseline is the same run's memory right after warm-up. Rows:
+
+- ``{"engine": "native", "scenario": "soak", "requests", "failures", "rss_mb_start", "rss_mb_end",
+  "growth_mb", "slope_mb_per_min", "steady_growth", ...}`` plus the load test's latency figures;
+- one ``{"scenario": "soak-memory", "t_s", "rss_mb"}`` row per memory sample.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ftserve.bench.serve_process import bentoml_serve
+from ftserve.loadtest.cli import preflight, run_locust
+from ftserve.loadtest.report import RunInfo, summarize
+from ftserve.loadtest.settings import LoadtestConfig, load_scenarios, load_slo, parse_duration
+
+log = logging.getLogger(__name__)
+
+
+class SoakBenchConfig(BaseModel):
+    """Settings of ``ftserve bench soak``; the CLI options are generated from these fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    duration: str = Field("10m", description="Load duration: 10m, 1h.")
+    warmup: str = Field("2m", description="Leading part of the run left out of the memory trend.")
+    users: int = Field(16, ge=1, le=1000, description="Concurrent simulated users (steady load).")
+    scenarios: Path = Field(Path("loadtest/scenarios.yaml"), description="Request mix.")
+    slo: Path = Field(Path("loadtest/slo.yaml"), description="SLO the run is also judged against.")
+    sample_every_s: float = Field(5.0, gt=0, description="Seconds between memory samples.")
+    window: int = Field(6, ge=1, description="Samples in the first / last window whose medians give growth.")
+    max_growth_mb: float = Field(64.0, gt=0, description="Growth (end - start, after warm-up) allowed, in MB.")
+
+    @model_validator(mode="after")
+    def _durations(self) -> SoakBenchConfig:
+        if parse_duration(self.warmup) >= parse_duration(self.duration):
+            raise ValueError(f"warmup ({self.warmup}) must be shorter than duration ({self.duration})")
+        return self
+
+
+class MemorySampler:
+    """Resident memory of a process and its children, sampled on a thread until stopped."""
+
+    def __init__(self, pid: int, every_s: float) -> None:
+        self.root = psutil.Process(pid)
+        self.every_s = every_s
+        self.samples: list[tuple[float, float]] = []  # (seconds since start, MB)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="soak-memory", daemon=True)
+        self.started = time.monotonic()
+
+    def rss_mb(self) -> float:
+        total = 0
+        for proc in [self.root, *self.root.children(recursive=True)]:
+            try:
+                total += proc.memory_info().rss
+            except psutil.NoSuchProcess:
+                continue  # a child that just exited
+        return total / 2**20
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic() - self.started, self.rss_mb()))
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> MemorySampler:
+        self.started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def memory_trend(samples: list[tuple[float, float]], warmup_s: float, window: int) -> dict[str, Any]:
+    """Start / end medians, growth and slope of the samples after warm-up."""
+    kept = [(t, mb) for t, mb in samples if t >= warmup_s]
+    if len(kept) < 2 * window:
+        raise ValueError(f"only {len(kept)} memory samples after warm-up; need {2 * window} (run longer)")
+    times = np.array([t for t, _ in kept])
+    mbs = np.array([mb for _, mb in kept])
+    slope_per_s = float(np.polyfit(times, mbs, 1)[0])
+    start, end = float(np.median(mbs[:window])), float(np.median(mbs[-window:]))
+    return {
+        "rss_mb_start": round(start, 1),
+        "rss_mb_end": round(end, 1),
+        "rss_mb_max": round(float(mbs.max()), 1),
+        "growth_mb": round(end - start, 1),
+        "slope_mb_per_min": round(slope_per_s * 60, 3),
+        "memory_samples": len(kept),
+    }
+
+
+def run_soak(config: SoakBenchConfig, home: Path, json_path: Path, root: Path) -> list[dict[str, Any]]:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the readiness probe would log every poll
+    slo = load_slo(config.slo)
+    scenarios = load_scenarios(config.scenarios)
+    log_path = json_path.with_suffix(".serve.log")
+    with bentoml_serve(root, log_path, {"FTSERVE_HOME": str(home)}) as served:
+        load = LoadtestConfig(
+            host=served.url, grpc_target=served.grpc_target, users=config.users, spawn_rate=config.users,
+            duration=config.duration, slo=config.slo, scenarios=config.scenarios,
+        )  # fmt: skip
+        base = preflight(load, scenarios)
+        log.info("soak: %d users for %s against %s (server pid %d)", config.users, config.duration, served.url,
+                 served.pid)  # fmt: skip
+        with MemorySampler(served.pid, config.sample_every_s) as memory:
+            duration, samples = run_locust(load, base)
+    report = summarize(samples, RunInfo(served.url, config.users, config.users, duration), slo)
+    trend = memory_trend(memory.samples, parse_duration(config.warmup), config.window)
+    steady = trend["growth_mb"] > config.max_growth_mb
+    keys = ("requests", "failures", "error_rate", "requests_per_s", "tokens_per_s", "p50_ttft_ms", "p95_ttft_ms",
+            "p95_itl_ms", "p95_e2e_ms", "slo_ok")  # fmt: skip
+    row = {"engine": "native", "scenario": "soak", "users": config.users, "duration_s": round(duration, 1),
+           **{k: report[k] for k in keys}, **trend, "max_growth_mb": config.max_growth_mb, "steady_growth": steady,
+           "errors": report["errors"]}  # fmt: skip
+    rows = [row] + [{"engine": "native", "scenario": "soak-memory", "t_s": round(t, 1), "rss_mb": round(mb, 1)}
+                    for t, mb in memory.samples]  # fmt: skip
+    json_path.write_text(json.dumps(rows, indent=1) + "\n")
+    log.info(
+        "soak: %d requests, %d failed; memory %.0f -> %.0f MB after warm-up (%+.1f MB, %+.2f MB/min): %s",
+        row["requests"], row["failures"], trend["rss_mb_start"], trend["rss_mb_end"], trend["growth_mb"],
+        trend["slope_mb_per_min"], "GROWING" if steady else "no steady growth",
+    )  # fmt: skip
+    return rows

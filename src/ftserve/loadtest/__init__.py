@@ -1,0 +1,1 @@
+"""Load tests: Locust users for REST and gRPC, scenarios, client-side timing, reports and SLO verdicts."""
