@@ -31,6 +31,7 @@ FAMILIES = (
     "ftserve_prefix_cache_hits", "ftserve_response_cache_lookups", "ftserve_response_cache_hits",
     "ftserve_spec_decode_num_drafts", "ftserve_spec_decode_num_draft_tokens", "ftserve_spec_decode_num_accepted_tokens",
     "ftserve_adapter_load_seconds", "ftserve_adapter_resident", "ftserve_engine_busy_seconds", "ftserve_cost_usd",
+    "ftserve_request_rejected", "ftserve_adapter_load_failures",
 )  # fmt: skip
 
 

@@ -17,7 +17,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.e2e.conftest import Server, free_port
+from ftserve.bench.serve_process import free_port, stop
+from tests.e2e.conftest import Server
 from tests.monitoring.names import dashboard_exprs, recording_rules
 from tests.monitoring.tools import MONITORING, prometheus_tool
 
@@ -92,12 +93,7 @@ def prometheus(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iter
             time.sleep(POLL_S)
         yield prom
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def _scraping(prom: Prometheus) -> bool:

@@ -14,6 +14,7 @@ from prometheus_client import REGISTRY
 
 from ftserve.config import ServiceConfig
 from ftserve.engine.base import DEADLINE_EXCEEDED
+from ftserve.engine.lora import AdapterError
 from ftserve.engine.protocol import EngineStats
 from ftserve.engine.request import (
     FinishReason,
@@ -163,9 +164,33 @@ def test_engine_error_without_stream_is_a_500_body() -> None:
     assert_error(call(engine, "/completions", {"model": BASE, "prompt": "hi"}), 500, "boom")
 
 
-def test_full_queue_is_a_429() -> None:
+def rejected(reason: str) -> float:
+    labels = {"adapter": "base", "protocol": "rest", "reason": reason}
+    return REGISTRY.get_sample_value("ftserve_request_rejected_total", labels) or 0.0
+
+
+def test_full_queue_is_a_429_counted_as_a_refusal_unlike_bad_input() -> None:
+    before = rejected("queue_full")
     engine = FakeEngine(refuse=QueueFullError("queue is full (2 waiting requests)"))
     assert_error(call(engine, "/chat/completions", chat()), 429, "queue is full")
+    assert rejected("queue_full") == before + 1
+    assert_error(call(FakeEngine(), "/chat/completions", {"model": BASE}), 400, "messages")
+    assert rejected("queue_full") == before + 1  # the client's mistake is not the server's unavailability
+
+
+def test_a_failed_adapter_load_is_counted(tmp_path: Path) -> None:
+    class Refusing(FakeEngine):
+        async def load_adapter(self, name: str, path: object) -> object:
+            raise AdapterError(f"{path}: adapter_model.safetensors is missing")
+
+    def failures() -> float:
+        return REGISTRY.get_sample_value("ftserve_adapter_load_failures_total", {"adapter": "broken"}) or 0.0
+
+    serving = OpenAIServing(Refusing(), ServiceConfig(served_model_name=BASE))
+    before = failures()
+    with pytest.raises(AdapterError, match="missing"):
+        asyncio.run(serving.load_adapter("broken", tmp_path))
+    assert failures() == before + 1
 
 
 @pytest.mark.parametrize(

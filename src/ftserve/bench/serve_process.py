@@ -69,9 +69,14 @@ def bentoml_serve(
         wait_ready(proc, url, log, timeout_s)
         yield Served(url, f"127.0.0.1:{grpc_port}", proc.pid, log)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+    """End a child process we started: SIGTERM, then SIGKILL if it does not exit in time."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -6,12 +6,11 @@ A file with an unknown key or an impossible value fails here, with the key named
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ftserve.config import ConfigError
+from ftserve.config import load_yaml_config
 from ftserve.engine.request import SpeculationParams
 
 Protocol = Literal["rest", "grpc"]
@@ -154,34 +153,13 @@ def parse_duration(text: str) -> float:
     return total
 
 
-def load_yaml_model(path: Path, model: type[BaseModel], what: str) -> Any:
-    """Read and validate a YAML file; every problem becomes a ConfigError naming the file and the key."""
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"{what} {path}: cannot read it ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{what} {path}: not valid YAML ({exc})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{what} {path}: expected a mapping of keys, got {type(raw).__name__}")
-    try:
-        return model.model_validate(raw)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, err['loc'])) or '(file)'}: {err['msg']}"
-            + (f" (got {err['input']!r})" if err["type"] != "extra_forbidden" and "input" in err else "")
-            for err in exc.errors()
-        )
-        raise ConfigError(f"{what} {path}: {problems}") from None
-
-
 def load_slo(path: Path) -> SloConfig:
-    return load_yaml_model(path, SloConfig, "SLO file")  # type: ignore[no-any-return]
+    return load_yaml_config(path, SloConfig, "SLO file")
 
 
 def load_scenarios(path: Path) -> ScenarioFile:
     """The scenario file, with prompt paths made relative to the file's own folder."""
-    plan: ScenarioFile = load_yaml_model(path, ScenarioFile, "scenario file")
+    plan = load_yaml_config(path, ScenarioFile, "scenario file")
     scenarios = []
     for scenario in plan.scenarios:
         source = scenario.prompts

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ftserve.config import HARDWARE_USD_PER_HOUR, PROJECT_ROOT, ConfigError
+from ftserve.config import HARDWARE_USD_PER_HOUR, PROJECT_ROOT, ConfigError, load_yaml_config
 
 DEFAULT_PRICES_FILE = PROJECT_ROOT / "loadtest" / "prices.yaml"
 
@@ -60,15 +59,4 @@ class PriceTable(_Strict):
 
 def load_price_table(path: Path = DEFAULT_PRICES_FILE) -> PriceTable:
     """Read and validate a price file; every failure is a ConfigError naming the file."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"price table {path}: cannot read it ({exc.strerror or exc})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"price table {path}: not valid YAML ({exc})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"price table {path}: expected a mapping with 'apis' (and optional 'hardware')")
-    try:
-        return PriceTable.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(f"price table {path}: {exc}") from None
+    return load_yaml_config(path, PriceTable, "price table")
