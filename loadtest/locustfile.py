@@ -30,8 +30,8 @@ CONTEXT = LoadContext(
     seed=int(os.environ.get("FTSERVE_SEED", "0")),
     timeout_s=float(os.environ.get("FTSERVE_REQUEST_TIMEOUT_S", "120")),
 )
-for user_class in configure_users(CONTEXT, SCENARIOS):
-    globals()[user_class.__name__] = user_class  # Locust picks up the User classes of this module
+# Locust picks up the User classes of this module (RestChatUser, GrpcChatUser).
+globals().update({user_class.__name__: user_class for user_class in configure_users(CONTEXT, SCENARIOS)})
 
 
 @events.test_start.add_listener

@@ -25,6 +25,7 @@ import torch
 
 from ftserve.config import EngineConfig
 from ftserve.engine.detokenizer import IncrementalDetokenizer
+from ftserve.engine.heap import HeapTrimmer
 from ftserve.engine.protocol import AdapterInfo, EngineStats, StepUsage
 from ftserve.engine.request import (
     AdapterNotFoundError,
@@ -81,6 +82,7 @@ class LoopEngine(ABC):
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._heap = HeapTrimmer()  # freed activation buffers go back to the OS (see engine/heap.py)
 
     # -- subclass hooks --------------------------------------------------------------------------------
 
@@ -208,6 +210,7 @@ class LoopEngine(ABC):
             step = StepUsage(time.perf_counter() - started, self._step_tokens(plan))
             self._update(results)
             self._report(step)
+            self._heap.maybe_trim()
             await asyncio.sleep(STEP_YIELD_S)
 
     def _update(self, results: Results) -> None:

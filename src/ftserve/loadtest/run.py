@@ -49,7 +49,12 @@ def run(config: LoadtestConfig, base_model: str, out: Path) -> None:
     progress = gevent.spawn(_progress, context, env)
     context.started = time.perf_counter()
     runner.start(config.users, spawn_rate=config.spawn_rate)
-    gevent.spawn_later(config.duration_s, runner.quit)
+
+    def stop() -> None:
+        context.stopping = True
+        runner.quit()
+
+    gevent.spawn_later(config.duration_s, stop)
     runner.greenlet.join()
     duration = time.perf_counter() - context.started
     progress.kill()

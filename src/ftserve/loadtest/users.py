@@ -38,6 +38,7 @@ class LoadContext:
     timeout_s: float
     started: float = field(default_factory=time.perf_counter)
     samples: list[Sample] = field(default_factory=list)
+    stopping: bool = False  # set when the run's time is up: requests it cuts short are not the service's failures
 
 
 class _StreamingUser(User):
@@ -63,6 +64,8 @@ class _StreamingUser(User):
     def generate(self) -> None:
         planned = self.context.plan.next(self.rng)
         sample = timed_request(self.api, planned, self.protocol, self.context.started)
+        if self.context.stopping:
+            return  # the run ended while it streamed (its connection is being torn down): not a finished request
         self.context.samples.append(sample)
         self._report(sample)
 
@@ -114,11 +117,12 @@ def configure_users(context: LoadContext, plan: ScenarioFile) -> list[type[User]
         if weight <= 0:
             continue
         attrs = {
+            "__module__": __name__,
             "abstract": False,
             "context": context,
             "weight": max(1, round(weight * 100)),
             "wait_time": between(*plan.think_time_s),
             "host": context.host,
         }
-        classes.append(type(base.__name__, (base,), attrs))
+        classes.append(type(f"{base.protocol.capitalize()}ChatUser", (base,), attrs))  # RestChatUser, GrpcChatUser
     return classes
