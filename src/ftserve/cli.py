@@ -137,9 +137,9 @@ def cmd_bench_soak(ns: argparse.Namespace) -> int:
     from ftserve.bench.soak import SoakBenchConfig, run_soak
 
     config = validated(SoakBenchConfig, ns, "bench soak")
-    home = options_to(StoreConfig, ns).home
-    ModelStore(home).pull(DEFAULT_MODEL)  # the default deployment's model, provisioned as make serve does
-    row = run_soak(config, home, ns.json_path, Path.cwd())[0]
+    store = _store(ns)
+    store.pull(DEFAULT_MODEL)  # the default deployment's model, provisioned as make serve does
+    row = run_soak(config, store.home, ns.json_path, Path.cwd())[0]
     return 0 if row["failures"] == 0 and not row["steady_growth"] else 1
 
 

@@ -87,7 +87,8 @@ class GrpcClient:
         sampling = pb.SamplingParams(
             max_tokens=ask.max_tokens, temperature=ask.temperature, seed=ask.seed, stop=ask.stop
         )
-        speculation = pb.Speculation(**ask.speculative()) if ask.speculative() else None
+        speculative = ask.speculative()
+        speculation = pb.Speculation(**speculative) if speculative else None
         if ask.messages is not None:
             chat = pb.Chat(messages=[pb.ChatMessage(role=r, content=c) for r, c in ask.messages])
             return pb.GenerateRequest(model=ask.model, chat=chat, sampling=sampling, speculation=speculation)
@@ -147,8 +148,8 @@ class RestClient:
                 body[name] = getattr(ask, name)
         if ask.stop:
             body["stop"] = ask.stop
-        if ask.speculative():
-            body["speculative"] = ask.speculative()
+        if speculative := ask.speculative():
+            body["speculative"] = speculative
         if ask.messages is not None:
             body["messages"] = [{"role": r, "content": c} for r, c in ask.messages]
         else:

@@ -19,7 +19,7 @@ import yaml
 
 from ftserve.bench.serve_process import free_port, stop
 from tests.e2e.conftest import Server
-from tests.monitoring.names import dashboard_exprs, recording_rules
+from tests.monitoring.names import alerting_rules, dashboard_exprs, recording_rules
 from tests.monitoring.tools import MONITORING, prometheus_tool
 
 pytestmark = pytest.mark.e2e
@@ -154,18 +154,9 @@ def test_every_recording_rule_returns_data(load: dict[str, Any], prometheus: Pro
 def test_every_rule_evaluates_without_error(load: dict[str, Any], prometheus: Prometheus) -> None:
     groups = httpx.get(f"{prometheus.url}/api/v1/rules", timeout=30).json()["data"]["groups"]
     rules = [rule for group in groups for rule in group["rules"]]
-    assert len(rules) == len(recording_rules()) + _alert_count()
+    assert len(rules) == len(recording_rules()) + len(alerting_rules())
     failing = [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
     assert not failing
-
-
-def _alert_count() -> int:
-    return sum(
-        "alert" in rule
-        for path in (MONITORING / "rules").glob("*.yml")
-        for group in yaml.safe_load(path.read_text())["groups"]
-        for rule in group["rules"]
-    )
 
 
 def test_every_dashboard_query_returns_data(load: dict[str, Any], prometheus: Prometheus) -> None:

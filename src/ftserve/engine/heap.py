@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import logging
 import time
 from collections.abc import Callable
 
-log = logging.getLogger(__name__)
 TRIM_EVERY_S = 5.0
 
 

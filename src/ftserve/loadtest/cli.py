@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import grpc
 import httpx
@@ -26,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ftserve.config import ConfigError
 from ftserve.loadtest.prompts import RequestPlan
 from ftserve.loadtest.report import RunInfo, markdown, summarize
-from ftserve.loadtest.samples import read_run
+from ftserve.loadtest.samples import Sample, read_run
 from ftserve.loadtest.settings import LoadtestConfig, ScenarioFile, load_scenarios, load_slo
 
 log = logging.getLogger("ftserve.loadtest")
@@ -78,7 +77,7 @@ def preflight(config: LoadtestConfig, scenarios: ScenarioFile) -> str:
     return base
 
 
-def run_locust(config: LoadtestConfig, base_model: str) -> tuple[float, list[Any]]:
+def run_locust(config: LoadtestConfig, base_model: str) -> tuple[float, list[Sample]]:
     """Locust in its own process (gevent patches it); returns the measured duration and the samples."""
     with tempfile.TemporaryDirectory(prefix="ftserve-loadtest-") as tmp:
         settings, out = Path(tmp) / "settings.json", Path(tmp) / "run.json"

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ftserve.bench.measure import percentile_ms
 from ftserve.loadtest.samples import Sample
 from ftserve.loadtest.settings import SloConfig
 
@@ -29,10 +30,7 @@ class RunInfo:
 
 def _percentiles(values: list[float], name: str) -> dict[str, float | None]:
     """``p50_<name>_ms`` ... from seconds; None when there is nothing to measure."""
-    if not values:
-        return {f"p{p}_{name}_ms": None for p in PERCENTILES}
-    found = np.percentile(np.asarray(values) * 1000.0, PERCENTILES)
-    return {f"p{p}_{name}_ms": round(float(v), 2) for p, v in zip(PERCENTILES, found, strict=True)}
+    return {f"p{p}_{name}_ms": percentile_ms(values, p) for p in PERCENTILES}
 
 
 def figures(samples: list[Sample], duration_s: float) -> dict[str, Any]:
