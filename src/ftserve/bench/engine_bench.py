@@ -213,6 +213,20 @@ class NativeRunner(Runner):
         self.engine = self.engine_config = None
 
 
+class VllmBackendRunner(NativeRunner):
+    """The same service-side ``Engine`` protocol on ``engine.backend: vllm`` (vLLM's async engine in this
+    process; run the bench from an environment with vLLM, e.g. ``.venv-vllm/bin/ftserve``), beside ``native``."""
+
+    name = "vllm-backend"
+
+    def __init__(self, config: EngineBenchConfig, model_dir: Path, adapters: AdapterFolders) -> None:
+        super().__init__(config, model_dir, adapters)
+        self.settings = {**self.settings, "backend": "vllm"}
+
+    def row(self, scenario: Scenario) -> Row:
+        return {**super().row(scenario), "backend": "vllm"}
+
+
 async def warm_up(engine: Engine) -> None:
     """One short request, so one-time costs (first kernels, allocator growth) stay out of the figures."""
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
@@ -355,4 +369,9 @@ class VllmCpuRunner(Runner):
             self.bench = None
 
 
-RUNNERS: dict[str, type[Runner]] = {"native": NativeRunner, "hf-generate": HFGenerateRunner, "vllm-cpu": VllmCpuRunner}
+RUNNERS: dict[str, type[Runner]] = {
+    "native": NativeRunner,
+    "hf-generate": HFGenerateRunner,
+    "vllm-cpu": VllmCpuRunner,
+    "vllm-backend": VllmBackendRunner,
+}

@@ -49,15 +49,21 @@ def wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path, timeout_s: fl
 
 @contextmanager
 def bentoml_serve(
-    root: Path, log: Path, env: dict[str, str], args: Sequence[str] = (), timeout_s: float = 240.0
+    root: Path,
+    log: Path,
+    env: dict[str, str],
+    args: Sequence[str] = (),
+    timeout_s: float = 240.0,
+    python: Path | None = None,
 ) -> Iterator[Served]:
     """``bentoml serve`` of the project at ``root`` with ``--arg`` overrides; stopped on exit.
 
     The deployment is the default one (``bentos/default.yaml``) unless ``env`` names another in
-    ``FTSERVE_CONFIG``: one inherited from the caller's environment is dropped."""
+    ``FTSERVE_CONFIG``: one inherited from the caller's environment is dropped. ``python`` picks another
+    virtual environment's ``bentoml`` (vLLM's, which pins its own torch)."""
     port, grpc_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
-    bentoml = Path(sys.executable).with_name("bentoml")
+    bentoml = (python or Path(sys.executable)).with_name("bentoml")
     cmd = [str(bentoml), "serve", ".", "--host", "127.0.0.1", "--port", str(port), "--arg", f"grpc.port={grpc_port}"]
     for arg in args:
         cmd += ["--arg", arg]

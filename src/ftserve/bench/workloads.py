@@ -20,7 +20,7 @@ from ftserve.engine.protocol import Tokenizer
 ScenarioName = Literal["single", "concurrent32", "adapters8", "prefix-on", "prefix-off"]
 SCENARIO_NAMES: tuple[str, ...] = get_args(ScenarioName)
 
-EngineName = Literal["native", "hf-generate", "vllm-cpu"]
+EngineName = Literal["native", "hf-generate", "vllm-cpu", "vllm-backend"]
 ENGINE_NAMES: tuple[str, ...] = get_args(EngineName)
 BASELINE = "hf-generate"  # always in the run when the native engine is: every engine figure is a ratio to it
 DType = EngineConfig.model_fields["dtype"].annotation  # the engine's own dtype choices, not a copy

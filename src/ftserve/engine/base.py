@@ -42,10 +42,8 @@ log = logging.getLogger(__name__)
 # A real (not zero) sleep between steps: with sleep(0) the server's I/O (client disconnects, /metrics)
 # was starved while the engine was busy; half a millisecond costs ~3% at batch 1 and fixes it.
 STEP_YIELD_S = 0.0005
-CONTEXT_TOKENS = 4
-DEADLINE_EXCEEDED = (
-    "deadline exceeded"  # prompt tokens given to the detokenizer so the first word decodes with its space
-)
+CONTEXT_TOKENS = 4  # prompt tokens given to the detokenizer so the first word decodes with its space
+DEADLINE_EXCEEDED = "deadline exceeded"
 
 
 @dataclass(eq=False)
@@ -69,8 +67,10 @@ class RequestState:
 Results = list[tuple[RequestState, GenerationOutput]]
 
 
-class LoopEngine(ABC):
-    """The async shell of an engine; see the module docstring."""
+class TokenAcceptor:
+    """How every engine turns sampled tokens into streamed outputs: end-of-sequence, stop strings and length
+    decided here, so the native engine and the backends that wrap another library (``engine/external.py``)
+    stop and stream text the same way."""
 
     max_model_len: int
     on_step: Callable[[EngineStats], None] | None = None
@@ -79,6 +79,70 @@ class LoopEngine(ABC):
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self._eos = eos_ids
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        """Token ids that end a request (unless it asks to ignore them)."""
+        return self._eos
+
+    def new_state(self, request: GenerationRequest, generator: torch.Generator | None = None) -> RequestState:
+        detok = IncrementalDetokenizer(self.tokenizer, request.params.stop, request.prompt_token_ids[-CONTEXT_TOKENS:])
+        return RequestState(request, detok, generator)
+
+    def check_prompt(self, request: GenerationRequest) -> None:
+        if not request.prompt_token_ids:
+            raise ValueError("prompt is empty")
+        if len(request.prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(request.prompt_token_ids)} tokens; the context window is {self.max_model_len}"
+            )
+
+    # -- token acceptance ------------------------------------------------------------------------------
+
+    def accept(self, state: RequestState, token: int) -> GenerationOutput:
+        """Record a sampled token and decide whether the request is done (EOS, stop string, length)."""
+        state.generated.append(token)
+        params = state.request.params
+        if token in self._eos and not params.ignore_eos:
+            return self.output(state, state.detok.flush(), [token], FinishReason.STOP)
+        text = state.detok.add(token)
+        if state.detok.stopped:
+            return self.output(state, text, [token], FinishReason.STOP)
+        total = len(state.request.prompt_token_ids) + len(state.generated)
+        if len(state.generated) >= params.max_tokens or total >= self.max_model_len:
+            return self.output(state, text + state.detok.flush(), [token], FinishReason.LENGTH)
+        return self.output(state, text, [token], None)
+
+    def failed(self, state: RequestState, exc: BaseException) -> GenerationOutput:
+        log.error("request %s failed: %s", state.request.request_id, exc, exc_info=exc)
+        return self.output(state, "", [], FinishReason.ERROR, f"{type(exc).__name__}: {exc}")
+
+    @staticmethod
+    def output(
+        state: RequestState, text: str, ids: list[int], reason: FinishReason | None, error: str | None = None
+    ) -> GenerationOutput:
+        out = GenerationOutput(
+            request_id=state.request.request_id,
+            text=text,
+            token_ids=ids,
+            num_prompt_tokens=len(state.request.prompt_token_ids),
+            num_generated_tokens=len(state.generated),
+            finish_reason=reason,
+            error=error,
+        )
+        if reason is not None and state.scheduled_at is not None:
+            out.queue_s = state.scheduled_at - state.request.arrival_time
+            out.num_cached_tokens = state.num_cached_tokens
+            out.num_drafts = state.num_drafts
+            out.num_draft_tokens, out.num_accepted_tokens = state.num_draft_tokens, state.num_accepted_tokens
+        return out
+
+
+class LoopEngine(TokenAcceptor, ABC):
+    """The async shell of an engine; see the module docstring."""
+
+    def __init__(self, tokenizer: Any, eos_ids: frozenset[int], max_model_len: int) -> None:
+        super().__init__(tokenizer, eos_ids, max_model_len)
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -158,17 +222,10 @@ class LoopEngine(ABC):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         if self._closing:
             raise EngineNotReadyError("engine is shutting down")
-        if not request.prompt_token_ids:
-            raise ValueError("prompt is empty")
-        if len(request.prompt_token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(request.prompt_token_ids)} tokens; the context window is {self.max_model_len}"
-            )
+        self.check_prompt(request)
         await self._prepare(request)
         self._validate(request)
-        params = request.params
-        detok = IncrementalDetokenizer(self.tokenizer, params.stop, request.prompt_token_ids[-CONTEXT_TOKENS:])
-        state = RequestState(request, detok, make_generator(params))
+        state = self.new_state(request, make_generator(request.params))
         await self.start()
         self._enqueue(state)
         self._notify()
@@ -239,46 +296,6 @@ class LoopEngine(ABC):
                 self._finish(state, FinishReason.ABORT)
             elif deadline is not None and now > deadline:
                 self._finish(state, FinishReason.ABORT, DEADLINE_EXCEEDED)
-
-    # -- token acceptance ------------------------------------------------------------------------------
-
-    def accept(self, state: RequestState, token: int) -> GenerationOutput:
-        """Record a sampled token and decide whether the request is done (EOS, stop string, length)."""
-        state.generated.append(token)
-        params = state.request.params
-        if token in self._eos and not params.ignore_eos:
-            return self.output(state, state.detok.flush(), [token], FinishReason.STOP)
-        text = state.detok.add(token)
-        if state.detok.stopped:
-            return self.output(state, text, [token], FinishReason.STOP)
-        total = len(state.request.prompt_token_ids) + len(state.generated)
-        if len(state.generated) >= params.max_tokens or total >= self.max_model_len:
-            return self.output(state, text + state.detok.flush(), [token], FinishReason.LENGTH)
-        return self.output(state, text, [token], None)
-
-    def failed(self, state: RequestState, exc: BaseException) -> GenerationOutput:
-        log.error("request %s failed: %s", state.request.request_id, exc, exc_info=exc)
-        return self.output(state, "", [], FinishReason.ERROR, f"{type(exc).__name__}: {exc}")
-
-    @staticmethod
-    def output(
-        state: RequestState, text: str, ids: list[int], reason: FinishReason | None, error: str | None = None
-    ) -> GenerationOutput:
-        out = GenerationOutput(
-            request_id=state.request.request_id,
-            text=text,
-            token_ids=ids,
-            num_prompt_tokens=len(state.request.prompt_token_ids),
-            num_generated_tokens=len(state.generated),
-            finish_reason=reason,
-            error=error,
-        )
-        if reason is not None and state.scheduled_at is not None:
-            out.queue_s = state.scheduled_at - state.request.arrival_time
-            out.num_cached_tokens = state.num_cached_tokens
-            out.num_drafts = state.num_drafts
-            out.num_draft_tokens, out.num_accepted_tokens = state.num_draft_tokens, state.num_accepted_tokens
-        return out
 
     def _finish(self, state: RequestState, reason: FinishReason, error: str | None = None) -> None:
         if not state.finished:

@@ -116,7 +116,9 @@ def register_engine(name: str) -> Callable[[EngineFactory], EngineFactory]:
 def create_engine(model_dir: Path, config: EngineConfig) -> Engine:
     """Build the engine ``config.backend`` names; an unknown name lists the known ones."""
     import ftserve.engine.native
-    import ftserve.engine.simple  # noqa: F401  (both register themselves)
+    import ftserve.engine.simple
+    import ftserve.engine.trtllm_engine
+    import ftserve.engine.vllm_engine  # noqa: F401  (each registers itself; vllm / tensorrt_llm load only at start)
 
     try:
         factory = _REGISTRY[config.backend]

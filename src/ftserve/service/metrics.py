@@ -141,7 +141,9 @@ class EngineGauges:
     """
 
     def __init__(self, min_interval_s: float = 0.0, adapters_interval_s: float = 1.0) -> None:
-        self._seen: set[str] = set()
+        # The base model's series exist from the first report (0 while idle): an autoscaler reading the
+        # queue gauge then sees an idle replica as idle, not as missing.
+        self._seen: set[str] = {BASE}
         self._adapters: set[str] = set()
         self._min_interval_s = min_interval_s
         self._adapters_interval_s = adapters_interval_s
