@@ -260,7 +260,31 @@ def build_parser() -> argparse.ArgumentParser:
     add_client_commands(groups)
     _add_loadtest(groups)
     add_cost_command(groups)
+    _add_router(groups)
     return parser
+
+
+def cmd_router(ns: argparse.Namespace) -> int:
+    import asyncio
+    import contextlib
+
+    from ftserve.router.app import serve
+    from ftserve.router.settings import RouterConfig
+
+    config = validated(RouterConfig, ns, "router")
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn shut down cleanly, then re-raised the signal
+        asyncio.run(serve(config))
+    return 0
+
+
+def _add_router(groups: Any) -> None:
+    from ftserve.router.settings import RouterConfig
+
+    sub = groups.add_parser(
+        "router", help="adapter-affinity HTTP router in front of several replicas (see ftserve.router)"
+    )
+    add_model_options(sub, RouterConfig)
+    sub.set_defaults(func=cmd_router)
 
 
 def cmd_loadtest(ns: argparse.Namespace) -> int:

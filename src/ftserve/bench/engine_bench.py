@@ -204,6 +204,7 @@ class NativeRunner(Runner):
         engine = create_engine(self.model_dir, config)
         await engine.start()
         self.engine, self.engine_config = engine, config
+        await until_started(engine)
         await warm_up(engine)
         return engine
 
@@ -225,6 +226,15 @@ class VllmBackendRunner(NativeRunner):
 
     def row(self, scenario: Scenario) -> Row:
         return {**super().row(scenario), "backend": "vllm"}
+
+
+async def until_started(engine: Engine) -> None:
+    """Backends that start in the background (vLLM: minutes) are waited for; one that failed refuses the row."""
+    wait = getattr(engine, "wait_started", None)
+    if wait is not None:
+        await wait()
+    if not engine.ready:
+        raise ScenarioRefused(getattr(engine, "start_error", None) or "the engine did not start")
 
 
 async def warm_up(engine: Engine) -> None:
