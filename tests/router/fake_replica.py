@@ -23,7 +23,7 @@ from ftserve.router.settings import RouterConfig
 from ftserve.service.routes import EventStreamResponse
 
 TOKEN = "router-test-token"
-HANG_GUARD_S = 60  # a broken router would hang a test (say, a buffered stream); fail it instead
+HANG_GUARD_S = 300  # a broken router would hang a test (say, a buffered stream): fail it, generously late
 
 
 @dataclass

@@ -10,7 +10,6 @@ knows about each replica, as JSON).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -61,9 +60,7 @@ class Router:
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
-    too_large = errors.APIError(
-        413, f"request body exceeds the limit of {limit} bytes", "invalid_request_error", None, "request_too_large"
-    )
+    too_large = errors.payload_too_large(f"request body exceeds the limit of {limit} bytes")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
@@ -78,13 +75,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 def requested_model(body: bytes) -> str | None:
     """The JSON body's ``model``; None when absent or not a string (the replica then says what is wrong)."""
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise errors.bad_request(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise errors.bad_request("request body must be a JSON object")
-    model = data.get("model")
+    model = errors.json_object(body).get("model")
     return model if isinstance(model, str) else None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import ValidationError
@@ -26,6 +27,10 @@ class APIError(Exception):
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, "invalid_request_error", param, code)
+
+
+def payload_too_large(message: str) -> APIError:
+    return APIError(413, message, "invalid_request_error", None, "request_too_large")
 
 
 def unauthorized(message: str) -> APIError:
@@ -64,3 +69,14 @@ def from_validation(exc: ValidationError) -> APIError:
     else:
         message = f"invalid value for {param!r}: {err.get('msg', 'invalid')}"
     return bad_request(message, param=param)
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """A request body that must be one JSON object; anything else is a 400 saying what is wrong."""
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad_request(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise bad_request("request body must be a JSON object")
+    return data

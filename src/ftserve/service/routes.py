@@ -6,7 +6,6 @@ OpenAI error bodies. No traceback ever reaches a client.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -41,19 +40,8 @@ def _serving(request: Request) -> OpenAIServing:
 async def _parse(request: Request, schema: type[BaseModel], max_bytes: int) -> Any:
     body = await request.body()
     if len(body) > max_bytes:
-        raise errors.APIError(
-            413,
-            f"request body is {len(body)} bytes; the limit is {max_bytes}",
-            "invalid_request_error",
-            None,
-            "request_too_large",
-        )
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise errors.bad_request(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise errors.bad_request("request body must be a JSON object")
+        raise errors.payload_too_large(f"request body is {len(body)} bytes; the limit is {max_bytes}")
+    data = errors.json_object(body)
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
