@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ftserve.bench.adapters import make_random_adapters
-from ftserve.bench.engine_bench import ScenarioRefused, provide_adapters
+from ftserve.bench.engine_bench import ScenarioRefused, provide_adapters, until_started
 from ftserve.bench.measure import REQUIRED_FIGURES, summary_table
 from ftserve.bench.workloads import (
     BENCH_ADAPTERS,
@@ -133,6 +133,29 @@ def test_adapters_are_loaded_into_an_engine_that_can_load_them() -> None:
     assert engine.loaded == folders
     with pytest.raises(ScenarioRefused, match="does not serve adapters"):
         asyncio.run(provide_adapters(_FakeEngine(can_load=False), folders, "fake"))  # type: ignore[arg-type]
+
+
+class _StartingEngine:
+    """An engine that starts in the background, as the vLLM backend does; ``error`` makes the start fail."""
+
+    def __init__(self, error: str | None) -> None:
+        self.start_error = error
+        self.waited = False
+
+    async def wait_started(self) -> None:
+        self.waited = True
+
+    @property
+    def ready(self) -> bool:
+        return self.waited and self.start_error is None
+
+
+def test_rows_wait_for_a_background_start_and_a_failed_one_refuses_the_row() -> None:
+    engine = _StartingEngine(None)
+    asyncio.run(until_started(engine))  # type: ignore[arg-type]
+    assert engine.ready
+    with pytest.raises(ScenarioRefused, match="no KV memory"):
+        asyncio.run(until_started(_StartingEngine("the vllm engine failed to start: no KV memory")))  # type: ignore[arg-type]
 
 
 # -- workloads -----------------------------------------------------------------------------------------
