@@ -17,7 +17,8 @@ import pytest
 
 from ftserve.config import EngineConfig
 from ftserve.engine import external
-from ftserve.engine.external import BackendUpdate, ExternalAdapter, ExternalEngine
+from ftserve.engine.external import ExternalEngine
+from ftserve.engine.library import BackendUpdate, ExternalAdapter
 from ftserve.engine.loader import HFTokenizer, eos_token_ids
 from ftserve.engine.lora import AdapterError
 from ftserve.engine.protocol import EngineStats
@@ -274,6 +275,23 @@ def test_a_failed_start_leaves_the_engine_not_ready_with_the_reason(model_dir: P
             await collect(engine, request("r", [1, 2, 3]))
         with pytest.raises(AdapterError, match="failed to start"):
             await engine.load_adapter("support-router", ADAPTER)
+        await engine.stop()
+
+    asyncio.run(run())
+
+
+def test_an_adapter_the_library_refuses_at_start_fails_the_start_and_stops_the_library(model_dir: Path) -> None:
+    class Refusing(ScriptedEngine):
+        async def _add_adapter(self, adapter: ExternalAdapter) -> None:
+            raise RuntimeError(f"cannot load {adapter.name}")
+
+    async def run() -> None:
+        engine = Refusing(model_dir, EngineConfig())
+        await engine.load_adapter("support-router", ADAPTER)
+        await engine.start()
+        await engine.wait_started()
+        assert not engine.ready and "cannot load support-router" in (engine.start_error or "")
+        assert not engine.up  # the library came up, then was shut down rather than left holding memory
         await engine.stop()
 
     asyncio.run(run())

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from ftserve.config import EngineConfig, SpeculativeConfig
-from ftserve.engine.external import BackendNotInstalledError, ExternalAdapter
+from ftserve.engine.library import BackendNotInstalledError, ExternalAdapter
 from ftserve.engine.protocol import create_engine
 from ftserve.engine.request import (
     EngineNotReadyError,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ftserve.config import EngineConfig, SpeculativeConfig
-from ftserve.engine.external import BackendNotInstalledError
+from ftserve.engine.library import BackendNotInstalledError
 from ftserve.engine.protocol import create_engine
 from ftserve.engine.request import SamplingParams
 from ftserve.engine.vllm_engine import cpu_env, engine_args, sampling_params, speculative_config

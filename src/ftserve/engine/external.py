@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -34,10 +33,10 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 from ftserve.config import EngineConfig
 from ftserve.engine.base import DEADLINE_EXCEEDED, RequestState, TokenAcceptor
+from ftserve.engine.library import LIBRARY_FINISH, BackendUpdate, ExternalAdapter
 from ftserve.engine.lora import AdapterError, load_peft_adapter
 from ftserve.engine.model import ModelShape
 from ftserve.engine.protocol import AdapterInfo, EngineStats, StepUsage
@@ -51,69 +50,8 @@ from ftserve.engine.request import (
 )
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 REPORT_S = 0.5  # how often in-flight work is reported as a "step" to metrics
-# A library's finish words; "stop" covers end of sequence and stop strings (ours decide those first anyway).
-LIBRARY_FINISH = {
-    "stop": FinishReason.STOP,
-    "length": FinishReason.LENGTH,
-    "abort": FinishReason.ABORT,
-    "cancelled": FinishReason.ABORT,
-    "timeout": FinishReason.ABORT,
-}
-
-
-class BackendNotInstalledError(RuntimeError):
-    """The configured backend's library is not importable here; the message says what to install."""
-
-
-async def build_off_loop(build: Callable[[], T], shut_down: Callable[[T], object]) -> T:
-    """Run a library's blocking engine construction (weights, profiling, warm-up: minutes) in a thread. If the
-    start-up times out meanwhile, the thread still finishes: what it built is shut down then, not leaked."""
-    built = asyncio.ensure_future(asyncio.to_thread(build))
-    try:
-        return await asyncio.shield(built)
-    except asyncio.CancelledError:
-        built.add_done_callback(lambda done: _shut_down_late(done, shut_down))
-        raise
-
-
-def _shut_down_late(done: asyncio.Future[T], shut_down: Callable[[T], object]) -> None:
-    if not done.cancelled() and done.exception() is None:
-        log.warning("an engine finished starting after its start-up timeout: shutting it down")
-        shut_down(done.result())
-
-
-def require_module(module: str, backend: str, install: str) -> None:
-    """Fail at configuration time, naming what to install, when ``module`` cannot be imported."""
-    if importlib.util.find_spec(module) is None:
-        raise BackendNotInstalledError(
-            f"engine.backend {backend!r} needs the {module!r} package, which is not installed: {install}"
-        )
-
-
-@dataclass
-class ExternalAdapter:
-    """An adapter as this shell tracks it; ``lora_id`` is the integer id the library knows it by."""
-
-    name: str
-    path: Path
-    version: str
-    rank: int
-    lora_id: int
-    pinned: bool = False
-    added: bool = False  # handed to the library (False until the library has started)
-
-
-@dataclass(frozen=True)
-class BackendUpdate:
-    """What the library reported for one request since its previous update."""
-
-    new_token_ids: list[int]
-    finished: bool = False
-    finish_reason: str | None = None  # the library's own words: "stop", "length", "abort", ...
-    num_cached_tokens: int | None = None  # prompt tokens the library found in its prefix cache
 
 
 @dataclass(eq=False)
@@ -193,8 +131,10 @@ class ExternalEngine(TokenAcceptor, ABC):
     async def _start(self) -> None:
         started = time.monotonic()
         log.info("%s engine starting for %s", self.backend_name, self.model_dir)
+        built = False
         try:
             await asyncio.wait_for(self._start_backend(), self._start_timeout_s())
+            built = True
             for adapter in list(self._adapters.values()):
                 await self._add_adapter(adapter)
                 adapter.added = True
@@ -205,6 +145,9 @@ class ExternalEngine(TokenAcceptor, ABC):
                 reason = f"{type(exc).__name__}: {exc}"
             self.start_error = f"the {self.backend_name} engine failed to start: {reason}"
             log.error("%s", self.start_error, exc_info=not isinstance(exc, TimeoutError))
+            if built:  # it came up, then an adapter failed: do not leave it holding memory unused
+                with contextlib.suppress(Exception):
+                    await self._stop_backend()
             return
         self._running = True
         log.info("%s engine ready in %.1f s", self.backend_name, time.monotonic() - started)

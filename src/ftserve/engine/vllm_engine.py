@@ -26,13 +26,8 @@ from typing import Any
 import torch
 
 from ftserve.config import EngineConfig, SpeculativeConfig
-from ftserve.engine.external import (
-    BackendUpdate,
-    ExternalAdapter,
-    ExternalEngine,
-    build_off_loop,
-    require_module,
-)
+from ftserve.engine.external import ExternalEngine
+from ftserve.engine.library import BackendUpdate, ExternalAdapter, build_off_loop, require_module
 from ftserve.engine.loader import HFTokenizer, eos_token_ids, is_quantized, pick_dtype
 from ftserve.engine.protocol import register_engine
 from ftserve.engine.request import GenerationRequest, SamplingParams
