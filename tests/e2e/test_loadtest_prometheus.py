@@ -27,13 +27,15 @@ READY_TIMEOUT_S = 120
 DATA_TIMEOUT_S = 90
 POLL_S = 0.5  # polling interval while waiting for Prometheus to have scraped / evaluated
 
+# The extract answers are long enough (32 tokens of JSON that copies the order's words) for prompt lookup to
+# draft: the speculative-acceptance rules record nothing while no request drafts, and 8 tokens sometimes did not.
 SCENARIOS = """
 protocols: {rest: 2, grpc: 1}
 think_time_s: [0.0, 0.2]
 scenarios:
   - {name: route, model: support-router, weight: 2, max_tokens: 8, repeat: 0.5,
      prompts: {inline: ["Route support ticket #1 from Ana: my parcel is late", "Route ticket #2: refund please"]}}
-  - {name: extract, model: order-extract, weight: 1, max_tokens: 8, speculative: {drafter: prompt-lookup},
+  - {name: extract, model: order-extract, weight: 1, max_tokens: 32, speculative: {drafter: prompt-lookup},
      prompts: {inline: ["Extract the order: 3 units of AB-12 to Lyon", "Extract the order: two X9 to Oslo"]}}
   - {name: chat, model: base, weight: 1, max_tokens: 8, repeat: 0.3,
      prompts: {inline: ["What is the capital of France?"]}}
