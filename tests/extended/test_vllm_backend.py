@@ -110,6 +110,21 @@ def test_base_and_adapter_answer_over_rest_and_grpc(served: Served) -> None:
         grpc_client.close()
 
 
+def heldout_items() -> list[Example]:
+    return [i for i in load_jsonl(HELDOUT) if isinstance(i, Example)]
+
+
+def served_exact_match(url: str, model: str, items: list[Example]) -> tuple[float, list[str]]:
+    """Greedy answers of the served ``model`` to the held-out prompts, scored by support-router's task."""
+    rest = RestClient(url)
+    try:
+        answers = [ask(rest, model, i.prompt)[0].text for i in items]
+    finally:
+        rest.close()
+    task = get_task("support-router")
+    return sum(task.score(a, i.completion) for a, i in zip(answers, items, strict=True)) / len(items), answers
+
+
 def native_exact_match(model_dir: Path, items: list[Example]) -> float:
     model = NativeLlama.from_dir(model_dir, torch.device("cpu"), torch.float32)
     adapter = load_peft_adapter("support-router", ROOT / "adapters" / "support-router", ModelShape.from_dir(model_dir),
@@ -120,14 +135,8 @@ def native_exact_match(model_dir: Path, items: list[Example]) -> float:
 
 
 def test_vllm_runs_the_adapter_as_well_as_the_native_engine(served: Served, model_dir: Path) -> None:
-    items = [i for i in load_jsonl(HELDOUT) if isinstance(i, Example)]
-    task = get_task("support-router")
-    rest = RestClient(served.url)
-    try:
-        answers = [ask(rest, "support-router", i.prompt)[0].text for i in items]
-    finally:
-        rest.close()
-    vllm_em = sum(task.score(a, i.completion) for a, i in zip(answers, items, strict=True)) / len(items)
+    items = heldout_items()
+    vllm_em, answers = served_exact_match(served.url, "support-router", items)
     native_em = native_exact_match(model_dir, items)
     assert native_em > 0.5  # the adapter does its task: a base model's answers would not score
     assert vllm_em >= native_em - 0.1, (vllm_em, native_em, answers[:5])
@@ -165,15 +174,9 @@ def test_metrics_carry_the_adapter_and_per_request_speculation_is_refused(served
 def test_the_optimize_stage_vllm_export_is_served(model_home: Path, tmp_path: Path) -> None:
     folder = build([MERGE, *EXPORTS], tmp_path / "merged", model_home)
     config = deployment(tmp_path, model=str(folder / "vllm"), served_model_name="router-merged", adapters=[])
-    items = [i for i in load_jsonl(HELDOUT) if isinstance(i, Example)]
+    items = heldout_items()
     with vllm_serve(model_home, tmp_path, config) as server:
-        rest = RestClient(server.url)
-        try:
-            answers = [ask(rest, "router-merged", i.prompt)[0].text for i in items]
-        finally:
-            rest.close()
-    task = get_task("support-router")
-    vllm_em = sum(task.score(a, i.completion) for a, i in zip(answers, items, strict=True)) / len(items)
+        vllm_em, answers = served_exact_match(server.url, "router-merged", items)
     native = NativeLlama.from_dir(folder / "native", torch.device("cpu"), torch.float32)
     native_em = exact_match(native, folder / "native", "support-router", items)
     assert native_em is not None and native_em > 0.5

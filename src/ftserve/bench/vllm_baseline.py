@@ -33,6 +33,7 @@ from ftserve.bench.adapters import RANKS
 from ftserve.bench.measure import Measurement
 from ftserve.bench.workloads import PREFIX_CACHE_FIELD, WARMUP_MESSAGES, Scenario
 from ftserve.config import EngineConfig
+from ftserve.engine.vllm_engine import vllm_cpu_env
 
 log = logging.getLogger(__name__)
 
@@ -101,15 +102,8 @@ def server_command(python: Path, model_dir: Path, port: int, spec: ServerSpec) -
 
 def server_env(base: Mapping[str, str], cpus: Sequence[int]) -> dict[str, str]:
     """Same cores as the other engines, one OpenMP thread each, a modest KV cache, nothing off-machine."""
-    return {
-        **base,
-        "VLLM_CPU_KVCACHE_SPACE": str(KVCACHE_GIB),
-        "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, sorted(cpus))),  # all of them; "auto" keeps one back
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": "1",
-        "VLLM_NO_USAGE_STATS": "1",
-        "DO_NOT_TRACK": "1",
-    }
+    # All the cores: vLLM's "auto" binding keeps one back.
+    return {**base, **vllm_cpu_env(KVCACHE_GIB, cpus), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 
 
 def free_port() -> int:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -379,14 +380,9 @@ class ExternalEngine(TokenAcceptor, ABC):
             last = now
             if self.on_step is not None:
                 try:
-                    self.on_step(stats if step is None else _with_step(stats, step))
+                    self.on_step(stats if step is None else dataclasses.replace(stats, step=step))
                 except Exception:  # metrics never stop the engine
                     log.exception("metrics callback failed")
-
-
-def _with_step(stats: EngineStats, step: StepUsage) -> EngineStats:
-    return EngineStats(stats.num_running, stats.num_waiting, stats.running_by_adapter, stats.waiting_by_adapter,
-                       stats.kv_usage_by_adapter, step)  # fmt: skip
 
 
 async def _next_before(updates: AsyncIterator[BackendUpdate], deadline: float | None) -> BackendUpdate:

