@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ftserve.engine.qlinear import dequantize_int4
+from ftserve.engine.qlinear import dequantize_int4, dequantize_int8
 from ftserve.optimize.export import from_gptq, gptq_config, gptq_state, pack_int32, to_gptq, unpack_int32
 from ftserve.optimize.merge import write_model
-from ftserve.optimize.quantize import QuantizeError, get_quantizer
+from ftserve.optimize.quantize import QuantizeError, get_quantizer, quantize_head
 
 
 def test_int32_packing_round_trips_along_either_dimension() -> None:
@@ -68,3 +68,23 @@ def test_vllm_export_folder_is_a_standard_gptq_checkpoint(model_dir: Path, tmp_p
     assert {k.removeprefix(prefix) for k in saved if k.startswith(prefix)} == {"qweight", "qzeros", "scales", "g_idx"}
     assert saved[prefix + "qweight"].dtype == torch.int32
     assert (tmp_path / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_vllm_export_gives_the_int8_head_back_as_vllm_ties_or_loads_it(tied: bool) -> None:
+    """vLLM's GPTQ layout has no INT8 head: a tied one is dropped (vLLM ties it to the embedding), an untied one
+    is written back dense, as its INT8 values."""
+    embed = torch.randn(100, 128)
+    state = {"model.embed_tokens.weight": embed, "model.layers.0.self_attn.q_proj.weight": torch.randn(64, 128)}
+    if not tied:
+        state["lm_head.weight"] = torch.randn(100, 128)
+    quantizer = get_quantizer("int4", group_size=64, sym=True)
+    quantized = quantize_head(quantizer.convert(state, {}))
+    out = gptq_state(quantized, quantizer.config(), tied)
+    assert not {"lm_head.qweight", "lm_head.scales"} & set(out)
+    assert out["model.embed_tokens.weight"] is embed
+    if tied:
+        assert "lm_head.weight" not in out
+    else:
+        expected = dequantize_int8(quantized["lm_head.qweight"], quantized["lm_head.scales"])
+        torch.testing.assert_close(out["lm_head.weight"], expected)

@@ -15,7 +15,7 @@ from ftserve.engine.qlinear import (
     pack_int4,
     unpack_int4,
 )
-from ftserve.optimize.quantize import QuantizeError, get_quantizer, int4_params, quantize_int8
+from ftserve.optimize.quantize import QuantizeError, get_quantizer, int4_params, quantize_head, quantize_int8
 
 CPU = torch.device("cpu")
 
@@ -84,6 +84,19 @@ def test_convert_quantizes_only_decoder_linears() -> None:
     assert "lm_head.weight" in out and "model.layers.0.input_layernorm.weight" in out
     assert {"model.layers.0.self_attn.q_proj.qweight", "model.layers.0.mlp.down_proj.zeros"} <= set(out)
     assert "model.layers.0.self_attn.q_proj.weight" not in out
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_head_gets_its_own_int8_copy_and_the_embedding_stays_dense(tied: bool) -> None:
+    embed, head = weight(100, 64, seed=1), weight(100, 64, seed=2)
+    state = {"model.embed_tokens.weight": embed} | ({} if tied else {"lm_head.weight": head})
+    out = quantize_head(state)
+    assert out["model.embed_tokens.weight"] is embed and "lm_head.weight" not in out
+    assert out["lm_head.qweight"].dtype == torch.int8 and out["lm_head.qweight"].shape == (100, 64)
+    scales = out["lm_head.scales"]
+    err = (dequantize_int8(out["lm_head.qweight"], scales) - (embed if tied else head)).abs()
+    assert bool((err <= scales[:, None] / 2 + 1e-7).all())  # each row on its own grid, rounded to nearest
+    assert "lm_head.weight" in state or tied  # the input state is left as it was
 
 
 def test_bad_settings_fail_before_any_work() -> None:

@@ -18,7 +18,7 @@ from ftserve.engine.qlinear import Int4Linear, Int8Linear, dequantize_int4, dequ
 from ftserve.engine.request import GenerationRequest, SamplingParams
 from ftserve.optimize.merge import merge_adapter, write_model
 from ftserve.optimize.quality import lora_for, perplexity, sequence_logits
-from ftserve.optimize.quantize import get_quantizer
+from ftserve.optimize.quantize import get_quantizer, quantize_head
 
 CPU = torch.device("cpu")
 QUESTIONS = ["What is the capital of France?", "Name three colours.", "How do bees make honey?", "Say hi."]
@@ -80,6 +80,16 @@ def test_int8_keeps_perplexity_close_and_int4_costs_more(folders: dict[str, Path
     }
     assert ppl["int8"] <= ppl["dense"] * 1.05, ppl
     assert ppl["int4"] > ppl["int8"], ppl
+
+
+def test_an_int8_head_keeps_perplexity_within_half_a_percent(model_dir: Path) -> None:
+    ids = HFTokenizer(model_dir).encode(TEXT)
+    state, shape = read_state(model_dir), ModelShape.from_dir(model_dir)
+    dense = NativeLlama(shape, state, CPU, torch.float32)
+    int8_head = NativeLlama(shape, quantize_head(state), CPU, torch.float32)
+    assert isinstance(int8_head.head, Int8Linear)
+    assert perplexity(int8_head, ids) == pytest.approx(perplexity(dense, ids), rel=5e-3)
+    assert not torch.equal(sequence_logits(int8_head, ids[:8]), sequence_logits(dense, ids[:8]))
 
 
 def test_lora_scored_unmerged_equals_the_merged_model(model_dir: Path, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from ftserve.models import ModelStore
 from ftserve.optimize.calibration import calibration_sequences
 from ftserve.optimize.quantize import QuantizeError
 from ftserve.optimize.recipe import QuantizeStep, Recipe, load_recipe
-from ftserve.optimize.runner import GateFailed, run_recipe
+from ftserve.optimize.runner import GateFailed, quantize, run_recipe
 from ftserve.train.formats import Example, write_jsonl
 from ftserve.train.pipeline import split_data
 from ftserve.train.replay import write_replay
@@ -60,9 +60,19 @@ def test_merge_int8_gate_export_writes_a_ready_native_artifact(inputs: Path, mod
     assert manifest["steps"][1]["size_mb"] < manifest["steps"][0]["size_mb"]
     assert str(inputs / "adapters" / "tiny") in manifest["inputs"]
     model = NativeLlama.from_dir(out / "native", torch.device("cpu"), torch.float32)
-    assert isinstance(model.layers[0].qkv, Int8Linear)
-    config = json.loads((out / "native" / "config.json").read_text())
-    assert config["quantization_config"]["method"] == "int8"
+    assert isinstance(model.layers[0].qkv, Int8Linear) and isinstance(model.head, Int8Linear)
+    quant = json.loads((out / "native" / "config.json").read_text())["quantization_config"]
+    assert quant["method"] == "int8" and quant["lm_head"] == "int8"
+    assert quant["modules_not_converted"] == ["model.embed_tokens"]
+
+
+def test_a_dense_head_setting_keeps_the_head_dense(model_dir: Path) -> None:
+    step = QuantizeStep(step="quantize", method="int4", group_size=64, head="dense")
+    state, quant = quantize(step, read_state(model_dir), model_dir)
+    assert "lm_head.qweight" not in state and quant["lm_head"] == "dense"
+    assert "lm_head" in quant["modules_not_converted"]
+    with pytest.raises(ValueError, match="head"):
+        QuantizeStep(step="quantize", method="int4", group_size=64, head="int4")
 
 
 def test_a_breached_gate_fails_and_leaves_the_ready_artifact_alone(inputs: Path, model_home: Path) -> None:

@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from ftserve.engine.qlinear import unpack_int4
+from ftserve.engine.model import ModelShape
+from ftserve.engine.qlinear import dequantize_int8, unpack_int4
 from ftserve.optimize.merge import write_model
 from ftserve.optimize.quantize import QuantizeError
 from ftserve.optimize.recipe import ExportStep, Recipe
@@ -35,6 +36,9 @@ TRTLLM_NOTE = (
     "Not built here: the tensorrt-llm package cannot be installed on these machines (its PyPI entry is a stub "
     "that downloads from NVIDIA's index). Run these commands where it is installed, with a GPU."
 )
+
+
+INT8_HEAD = ("lm_head.qweight", "lm_head.scales")  # the optimize stage's INT8 head (quantize.quantize_head)
 
 
 def _to_int32(words: torch.Tensor) -> torch.Tensor:
@@ -86,7 +90,9 @@ def from_gptq(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     return (q - zp[:, g_idx]) * scales[:, g_idx]
 
 
-def gptq_state(state: dict[str, torch.Tensor], quant: dict[str, Any]) -> dict[str, torch.Tensor]:
+def gptq_state(state: dict[str, torch.Tensor], quant: dict[str, Any], tied: bool = True) -> dict[str, torch.Tensor]:
+    """The state in vLLM's GPTQ layout. vLLM's GPTQ has no INT8 head (``lm_head: false``): an INT8 head is
+    dropped when it is the tied embedding's copy (vLLM ties it again) and written back dense otherwise."""
     if quant.get("bits") != 4 or not quant.get("sym"):
         raise QuantizeError(
             f"export vllm: vLLM 0.32 loads 4-bit symmetric GPTQ only; this state is {quant['method']} "
@@ -96,11 +102,16 @@ def gptq_state(state: dict[str, torch.Tensor], quant: dict[str, Any]) -> dict[st
     out = {}
     for key, value in state.items():
         base = key.removesuffix(".qweight")
+        if key in INT8_HEAD:
+            continue
         if key.endswith(".qweight"):
             layout = to_gptq(value, state[f"{base}.scales"], state[f"{base}.zeros"])
             out |= {f"{base}.{name}": tensor for name, tensor in layout.items()}
         elif not key.endswith((".scales", ".zeros")):
             out[key] = value
+    if "lm_head.qweight" in state and not tied:
+        dtype = state["model.embed_tokens.weight"].dtype
+        out["lm_head.weight"] = dequantize_int8(*(state[key] for key in INT8_HEAD)).to(dtype)
     return out
 
 
@@ -130,7 +141,8 @@ def export(step: ExportStep, staging: Path, model_dir: Path, state: dict, quant:
             write_model(out, model_dir, state)
         else:
             config = gptq_config(quant)
-            write_model(out, model_dir, gptq_state(state, quant), {"quantization_config": config})
+            tied = ModelShape.from_dir(model_dir).tie_word_embeddings
+            write_model(out, model_dir, gptq_state(state, quant, tied), {"quantization_config": config})
             (out / "quantize_config.json").write_text(json.dumps(config, indent=2) + "\n")
         return {"path": step.format, "load_with": f"vllm serve {recipe.out / step.format}"}
     write_model(out, model_dir, state)

@@ -48,6 +48,11 @@ class QuantizeStep(_Step):
         "train split and replay text) and/or JSONL files (task examples, rendered with the chat template, or "
         "replay text {'text': ...}).",
     )
+    head: Literal["int8", "dense"] = Field(
+        "int8",
+        description="The LM head: a per-row INT8 copy (the tied embedding's lookup stays dense; +0.04-0.24% "
+        "perplexity on SmolLM2, a third less time at batch 1 in the head) or dense.",
+    )
     calibration_items: int = Field(128, ge=1, description="Calibration sequences, spread evenly over the sources.")
     calibration_max_tokens: int = Field(256, ge=16, le=4096, description="Tokens kept per calibration sequence.")
 

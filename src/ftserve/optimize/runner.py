@@ -27,7 +27,7 @@ from ftserve.optimize.calibration import calibration_sequences
 from ftserve.optimize.export import check_export, export
 from ftserve.optimize.gate import check_gate, run_gate
 from ftserve.optimize.merge import check_adapter, merge_adapter
-from ftserve.optimize.quantize import Quantizer, get_quantizer
+from ftserve.optimize.quantize import Quantizer, get_quantizer, quantize_head
 from ftserve.optimize.recipe import ExportStep, GateStep, MergeStep, QuantizeStep, Recipe
 from ftserve.train.formats import DataError
 
@@ -64,6 +64,14 @@ def quantizer_for(step: QuantizeStep) -> Quantizer:
     )
 
 
+def quant_config(step: QuantizeStep, quantizer: Quantizer) -> dict[str, Any]:
+    """The ``quantization_config`` of the step's output: the method's, and how the head is stored."""
+    config = quantizer.config() | {"lm_head": step.head}
+    if step.head != "dense":
+        config["modules_not_converted"] = [m for m in config["modules_not_converted"] if m != "lm_head"]
+    return config
+
+
 def _check_quantize(step: QuantizeStep, state: dict[str, torch.Tensor]) -> dict[str, Any]:
     quantizer = quantizer_for(step)
     quantizer.check(state)
@@ -72,7 +80,7 @@ def _check_quantize(step: QuantizeStep, state: dict[str, torch.Tensor]) -> dict[
     for path in step.calibration:
         if not path.is_file():
             raise DataError(f"quantize {step.method}: calibration data {str(path)!r} is missing")
-    return quantizer.config()
+    return quant_config(step, quantizer)
 
 
 def run_recipe(recipe: Recipe, store: ModelStore) -> dict[str, Any]:
@@ -126,7 +134,10 @@ def quantize(step: QuantizeStep, state: dict[str, torch.Tensor], model_dir: Path
     if quantizer.needs_calibration:
         shape = ModelShape.from_dir(model_dir)
         calibration = (shape, calibration_sequences(step, HFTokenizer(model_dir)))
-    return quantizer.convert(state, quantizer.prepare(state, calibration)), quantizer.config()
+    quantized = quantizer.convert(state, quantizer.prepare(state, calibration))
+    if step.head == "int8":
+        quantized = quantize_head(quantized)
+    return quantized, quant_config(step, quantizer)
 
 
 def _weights_file(path: Path) -> Path:
