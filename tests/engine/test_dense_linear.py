@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from ftserve.engine.qlinear import DenseLinear, dense_linear
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 7, 40])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dense_linear_matches_f_linear(rows: int, dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(rows)
@@ -25,6 +25,15 @@ def test_dense_linear_keeps_leading_dims() -> None:
     out = layer(x)
     assert out.shape == (2, 3, 24) and layer.out_features == 24
     torch.testing.assert_close(out, F.linear(x, layer.weight), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_padded_row_counts_give_each_row_what_the_next_count_gives_it(rows: int) -> None:
+    """1 and 3 rows are padded to 2 and 4 (MKL's faster counts here); the padding never shows in the output."""
+    weight = torch.randn(128, 64)
+    x = torch.randn(rows + 1, 64)
+    assert dense_linear(x[:rows], weight).shape == (rows, 128)
+    torch.testing.assert_close(dense_linear(x[:rows], weight), dense_linear(x, weight)[:rows], atol=1e-6, rtol=1e-6)
 
 
 def test_one_row_equals_that_row_in_a_pair() -> None:

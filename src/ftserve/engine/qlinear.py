@@ -63,6 +63,9 @@ class Linear:
         raise NotImplementedError
 
 
+PADDED_ROWS = (1, 3)  # row counts that dense_linear pads by one (see there)
+
+
 def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T`` for a dense [N, K] weight.
 
@@ -70,7 +73,9 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     rows its narrow second one. Measured on this AVX2 EPYC (2 threads, 30 layers of SmolLM2-135M's
     projections, weights streamed from memory): 1 row 29 ms → 19 ms (padded to 2 rows, since a single row
     takes MKL's slower matrix-vector path), 5 rows 47 → 26 ms, 16 rows 55 → 40 ms, 256 rows 356 → 322 ms.
-    A row's result does not depend on which other rows share the call up to 3 rows; beyond, it may differ
+    MKL's cost is not monotonic in the row count: 2 and 4 rows take 20.5 ms, 3 and 5 take 26-27, so 1 and
+    3 rows are padded to 2 and 4 (a speculative verify of 3 drafts then costs what a decode step does).
+    A row's result does not depend on which other rows share the call up to 4 rows; beyond, it may differ
     in the last bit, as with ``F.linear``. Elsewhere (bf16, GPUs) ``F.linear`` is the fast path.
     """
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
@@ -78,8 +83,8 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
     rows = flat.shape[0]
-    if rows == 1:
-        flat = torch.cat((flat, flat))
+    if rows in PADDED_ROWS:
+        flat = torch.cat((flat, flat[-1:]))
     out = torch.mm(weight, flat.t()).t()[:rows].contiguous()
     return out.view(*shape[:-1], weight.shape[0])
 
