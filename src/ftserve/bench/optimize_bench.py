@@ -110,7 +110,9 @@ def build_model(
     return Variant(name, model, adapter, round(size, 1), round(built_s, 1))
 
 
-async def speeds(variants: list[Variant], model_dir: Path, config: OptimizeBenchConfig) -> dict[str, tuple]:
+async def speeds(
+    variants: list[Variant], model_dir: Path, config: OptimizeBenchConfig
+) -> dict[str, tuple[float, float]]:
     """Output tokens/s of one stream (median of ``b1_repeats``) and of ``BATCH`` concurrent streams, per variant.
 
     Every variant's engine runs side by side, idle but for its turn, and the single streams go round by round
