@@ -49,7 +49,7 @@ def test_symmetric_grid_has_no_zero_point_and_bounds_the_error() -> None:
 def test_vllm_export_refuses_what_vllm_cannot_load(method: str, sym: bool, match: str) -> None:
     quant = get_quantizer(method, sym=sym).config()
     with pytest.raises(QuantizeError, match=match):
-        gptq_state({}, quant)
+        gptq_state({}, quant, tied=True)
 
 
 def test_vllm_export_folder_is_a_standard_gptq_checkpoint(model_dir: Path, tmp_path: Path) -> None:
@@ -59,7 +59,7 @@ def test_vllm_export_folder_is_a_standard_gptq_checkpoint(model_dir: Path, tmp_p
     }
     quantizer = get_quantizer("int4", group_size=64, sym=True)
     quantized = quantizer.convert(state, {})
-    write_model(tmp_path, model_dir, gptq_state(quantized, quantizer.config()), {
+    write_model(tmp_path, model_dir, gptq_state(quantized, quantizer.config(), tied=True), {
         "quantization_config": gptq_config(quantizer.config())})  # fmt: skip
     config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "gptq" and config["sym"] and not config["desc_act"]
@@ -80,7 +80,7 @@ def test_vllm_export_gives_the_int8_head_back_as_vllm_ties_or_loads_it(tied: boo
         state["lm_head.weight"] = torch.randn(100, 128)
     quantizer = get_quantizer("int4", group_size=64, sym=True)
     quantized = quantize_head(quantizer.convert(state, {}))
-    out = gptq_state(quantized, quantizer.config(), tied)
+    out = gptq_state(quantized, quantizer.config(), tied=tied)
     assert not {"lm_head.qweight", "lm_head.scales"} & set(out)
     assert out["model.embed_tokens.weight"] is embed
     if tied:

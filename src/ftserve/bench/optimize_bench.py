@@ -124,6 +124,7 @@ async def speeds(
         for name, requests in (("single", 1), ("concurrent32", BATCH))
     ]
     longest = max(len(tokenizer.apply_chat_template(r.messages)) for s in scenarios for r in s.requests)
+    eos = eos_token_ids(model_dir, tokenizer)
     engines: dict[str, NativeEngine] = {}
     try:
         for v in variants:
@@ -132,9 +133,7 @@ async def speeds(
                 max_num_seqs=BATCH, max_loras=1, max_lora_rank=rank,
                 kv_cache_tokens=BATCH * (longest + config.max_new_tokens + 16),  # what the runs need, no more
             )  # fmt: skip
-            engine = engines[v.name] = NativeEngine(
-                v.model, tokenizer, eos_token_ids(model_dir, tokenizer), engine_config
-            )
+            engine = engines[v.name] = NativeEngine(v.model, tokenizer, eos, engine_config)
             await engine.start()
             if v.adapter is not None:
                 await engine.load_adapter(v.adapter.name, v.adapter.path)

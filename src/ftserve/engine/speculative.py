@@ -45,7 +45,7 @@ class PromptLookup:
         for n in range(min(self.ngram_max, total - 1), self.ngram_min - 1, -1):
             follow = self._match(tokens, n, k)
             if not follow and history is not None:
-                follow = history.propose_n(tokens, n, k)
+                follow = history.propose(tokens, k, n)
             if follow:
                 return follow
         if self.anchors and self.ngram_min > 1 and total > 1 and tokens[:-1].count(tokens[-1]) == 1:
@@ -90,23 +90,16 @@ class OutputHistory:
     def __len__(self) -> int:
         return len(self._next)
 
-    def propose(self, tokens: Sequence[int], k: int) -> list[int]:
-        """What followed the longest n-gram of ``tokens``' tail that an earlier output had."""
-        for n in reversed(self.ngrams):
-            follow = self.propose_n(tokens, n, k)
-            if follow:
-                return follow
+    def propose(self, tokens: Sequence[int], k: int, n: int | None = None) -> list[int]:
+        """What followed the longest n-gram of ``tokens``' tail (only the last ``n`` tokens, if given) in the
+        latest output that had it; ``[]`` when none did."""
+        for size in reversed(self.ngrams) if n is None else (n,):
+            if size in self.ngrams and size <= len(tokens):
+                hit = self._next.get(tuple(tokens[len(tokens) - size :]))
+                if hit is not None:
+                    source, end = hit
+                    return source[end : end + k]
         return []
-
-    def propose_n(self, tokens: Sequence[int], n: int, k: int) -> list[int]:
-        """What followed the last ``n`` tokens in the latest output that had them (``[]``: none did)."""
-        if n not in self.ngrams or n > len(tokens):
-            return []
-        hit = self._next.get(tuple(tokens[len(tokens) - n :]))
-        if hit is None:
-            return []
-        source, end = hit
-        return source[end : end + k]
 
 
 @dataclass(frozen=True)

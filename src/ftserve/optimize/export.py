@@ -90,7 +90,7 @@ def from_gptq(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     return (q - zp[:, g_idx]) * scales[:, g_idx]
 
 
-def gptq_state(state: dict[str, torch.Tensor], quant: dict[str, Any], tied: bool = True) -> dict[str, torch.Tensor]:
+def gptq_state(state: dict[str, torch.Tensor], quant: dict[str, Any], *, tied: bool) -> dict[str, torch.Tensor]:
     """The state in vLLM's GPTQ layout. vLLM's GPTQ has no INT8 head (``lm_head: false``): an INT8 head is
     dropped when it is the tied embedding's copy (vLLM ties it again) and written back dense otherwise."""
     if quant.get("bits") != 4 or not quant.get("sym"):
@@ -142,7 +142,7 @@ def export(step: ExportStep, staging: Path, model_dir: Path, state: dict, quant:
         else:
             config = gptq_config(quant)
             tied = ModelShape.from_dir(model_dir).tie_word_embeddings
-            write_model(out, model_dir, gptq_state(state, quant, tied), {"quantization_config": config})
+            write_model(out, model_dir, gptq_state(state, quant, tied=tied), {"quantization_config": config})
             (out / "quantize_config.json").write_text(json.dumps(config, indent=2) + "\n")
         return {"path": step.format, "load_with": f"vllm serve {recipe.out / step.format}"}
     write_model(out, model_dir, state)
@@ -161,7 +161,7 @@ def check_export(step: ExportStep, quant: dict[str, Any] | None) -> None:
     if quant is None:
         return
     if step.format == "vllm":
-        gptq_state({}, quant)
+        gptq_state({}, quant, tied=True)  # refuses what vLLM cannot load before looking at any tensor
     elif step.format == "tensorrt-llm":
         raise QuantizeError(
             f"export {step.format}: export the unquantized (or merged) model before the quantize step; "

@@ -67,7 +67,7 @@ def quantizer_for(step: QuantizeStep) -> Quantizer:
 def quant_config(step: QuantizeStep, quantizer: Quantizer) -> dict[str, Any]:
     """The ``quantization_config`` of the step's output: the method's, and how the head is stored."""
     config = quantizer.config() | {"lm_head": step.head}
-    if step.head != "dense":
+    if step.head == "int8":
         config["modules_not_converted"] = [m for m in config["modules_not_converted"] if m != "lm_head"]
     return config
 
