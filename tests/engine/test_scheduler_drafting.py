@@ -18,8 +18,8 @@ class FakeDrafting:
         self.proposals = proposals
         self.blocks_seen: dict[int, int] = {}
 
-    def begin_step(self, decoding: int) -> None:
-        return None
+    def begin_step(self, decoding: list[Sequence]) -> None:
+        self.decoding = [seq.seq_id for seq in decoding]
 
     def draft_len(self, seq: Sequence, limit: int) -> int:
         return min(self.k, limit)
@@ -57,6 +57,7 @@ def test_drafts_fill_their_chunks_and_unused_reservations_go_back() -> None:
     chunks = {c.seq_id: c for c in out.chunks}
     assert (chunks[a.seq_id].num_tokens, chunks[a.seq_id].num_draft) == (7, 6)
     assert (chunks[b.seq_id].num_tokens, chunks[b.seq_id].num_draft) == (2, 1)
+    assert drafting.decoding == [a.seq_id, b.seq_id]  # the drafts were chosen knowing the whole batch
     # Both had blocks for 8 + 1 + 6 tokens while drafting; b keeps only what 8 + 1 + 1 need.
     assert drafting.blocks_seen == {a.seq_id: 4, b.seq_id: 4}
     assert (len(a.block_table), len(b.block_table)) == (4, 3)
@@ -75,3 +76,4 @@ def test_budget_left_by_short_drafts_admits_waiting_requests() -> None:
     chunks = {c.seq_id: c for c in out.chunks}
     assert chunks[running.seq_id].num_tokens == 1 and chunks[running.seq_id].num_draft == 0
     assert chunks[waiting.seq_id].num_tokens == 5  # admitted with the budget the empty draft gave back
+    assert drafting.decoding == [running.seq_id]

@@ -1,4 +1,4 @@
-"""Speculative decoding's pure parts: prompt lookup, the verification rules, adaptive k."""
+"""Speculative decoding's pure parts: prompt lookup, the verification rules, acceptance rates."""
 
 from __future__ import annotations
 
@@ -6,15 +6,7 @@ import pytest
 import torch
 
 from ftserve.engine.request import SamplingParams
-from ftserve.engine.speculative import (
-    VERIFY_COST_PER_TOKEN,
-    AdaptiveK,
-    OutputHistory,
-    PromptLookup,
-    target_probs,
-    verify,
-)
-from ftserve.engine.speculator import StepTime
+from ftserve.engine.speculative import AcceptanceRate, OutputHistory, PromptLookup, target_probs, verify
 
 
 def test_prompt_lookup_proposes_what_followed_the_latest_match_of_the_longest_ngram() -> None:
@@ -60,35 +52,20 @@ def test_sampled_verification_follows_the_target_distribution() -> None:
         assert accepted / trials == pytest.approx(p[draft_token].item(), abs=0.023)
 
 
-def test_adaptive_k_follows_acceptance_switches_off_and_probes() -> None:
-    k = AdaptiveK(6, retry_every=3)
-    for _ in range(4):
-        k.update(6, 6)  # everything accepted: draft the most
-    assert k.next_k(0.06) == 6
+def test_acceptance_rate_follows_the_drafts_and_recovers() -> None:
+    rate = AcceptanceRate(prior=0.7)
+    assert rate.rate == pytest.approx(0.7)
+    rate.update(0, 0)  # nothing drafted: nothing learned
+    assert rate.rate == pytest.approx(0.7)
     for _ in range(30):
-        k.update(1, 0)  # nothing accepted any more: plain decoding pays best ...
-    assert k.acceptance < 0.05
-    assert [k.next_k(0.06) for _ in range(3)] == [0, 0, 1]  # ... with a one-token probe now and then
-    k.update(1, 1)
-    k.update(2, 2)
-    assert k.next_k(0.06) > 0  # acceptance came back
-
-
-def test_adaptive_k_drafts_less_when_drafting_costs_more() -> None:
-    k = AdaptiveK(8)
-    for _ in range(6):
-        k.update(4, 3)  # acceptance about 0.8
-    chosen = [k.next_k(cost) for cost in (0.0, 0.06, 0.3, 0.6, 1.0)]
-    assert chosen == sorted(chosen, reverse=True) and chosen[0] == 8 and chosen[-1] == 0
-
-
-def test_step_time_fits_fixed_and_per_row_cost() -> None:
-    fit = StepTime()
-    assert fit.row_share(1) == VERIFY_COST_PER_TOKEN  # no data yet: the prior
-    for rows in [1, 5, 2, 8, 1, 4, 3, 6] * 3:
-        fit.add(rows, 0.040 + 0.003 * rows)
-    assert fit.row_share(1) == pytest.approx(0.003 / 0.043, rel=1e-3)
-    assert fit.row_share(8) == pytest.approx(8 * 0.003 / 0.064, rel=1e-3)  # dearer in a bigger batch
+        rate.update(4, 0)  # every draft rejected at once
+    assert rate.rate < 0.05
+    for _ in range(30):
+        rate.update(4, 3)  # three accepted per rejection: a = 3 / 4
+    assert rate.rate == pytest.approx(0.75, abs=0.01)
+    for _ in range(30):
+        rate.update(2, 2)  # everything accepted
+    assert rate.rate > 0.95
 
 
 def test_output_history_drafts_an_adapters_template() -> None:

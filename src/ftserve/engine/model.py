@@ -203,6 +203,10 @@ class NativeLlama:
     def from_dir(cls, model_dir: Path, device: torch.device, dtype: torch.dtype) -> NativeLlama:
         return cls(ModelShape.from_dir(model_dir), read_state(model_dir), device, dtype)
 
+    def matmul_rows(self, rows: int) -> int:
+        """The row count the layers' matmuls run ``rows`` token rows as: a forward's time follows it."""
+        return self.layers[0].qkv.matmul_rows(rows) if self.layers else rows
+
     # -- forward ---------------------------------------------------------------------------------------
 
     @torch.inference_mode()

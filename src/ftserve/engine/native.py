@@ -49,7 +49,7 @@ class NativeEngine(LoopEngine):
         self.cache = KVCache(model.shape, num_blocks, config.block_size, model.dtype, model.device)
         if draft is not None:
             draft.bind(self.cache, model.shape)
-        self.speculator = Speculator(config.speculative, max_len, draft)
+        self.speculator = Speculator(config.speculative, max_len, draft, model.matmul_rows)
         self.scheduler = Scheduler(
             self.blocks, config.max_num_seqs, config.max_num_batched_tokens, config.max_loras, self.speculator
         )

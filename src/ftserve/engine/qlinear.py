@@ -62,8 +62,19 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def matmul_rows(self, rows: int) -> int:
+        """The row count a call with ``rows`` token rows runs its matmul with (what its time follows)."""
+        return rows
 
-PADDED_ROWS = (1, 3)  # row counts that dense_linear pads by one (see there)
+
+SMALL_PADS = {1: 2, 3: 4, 7: 8}  # row counts up to 8 that dense_linear pads, to what (see there)
+
+
+def padded_rows(rows: int) -> int:
+    """The row count dense_linear runs ``rows`` token rows as on CPU in float32 (see there)."""
+    if rows <= 8:
+        return SMALL_PADS.get(rows, rows)
+    return -(-rows // 8) * 8
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -73,18 +84,23 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     rows its narrow second one. Measured on this AVX2 EPYC (2 threads, 30 layers of SmolLM2-135M's
     projections, weights streamed from memory): 1 row 29 ms → 19 ms (padded to 2 rows, since a single row
     takes MKL's slower matrix-vector path), 5 rows 47 → 26 ms, 16 rows 55 → 40 ms, 256 rows 356 → 322 ms.
-    MKL's cost is not monotonic in the row count: 2 and 4 rows take 20.5 ms, 3 and 5 take 26-27, so 1 and
-    3 rows are padded to 2 and 4 (a speculative verify of 3 drafts then costs what a decode step does).
-    A row's result does not depend on which other rows share the call up to 4 rows; beyond, it may differ
-    in the last bit, as with ``F.linear``. Elsewhere (bf16, GPUs) ``F.linear`` is the fast path.
+
+    MKL's cost is not monotonic in the row count: it computes rows in panels of 8, and a partial panel is
+    slow. Over the same 30 layers: 2 and 4 rows 21-22 ms, 3 rows 27; 7 rows 40, 8 rows 36; 9 rows 44, 13 rows
+    77, 15 rows 95, 16 rows 43; 23 rows 93, 24 rows 64; 31 rows 109, 32 rows 60. So :func:`padded_rows` pads
+    1, 3 and 7 rows to 2, 4 and 8, and more than 8 rows to a multiple of 8 (a whole decode step of 13-15
+    sequences then takes 0.65-0.74 of its time). Up to 4 rows a row's result does not depend on which
+    other rows share the call; beyond, it may differ in the last bit, as with ``F.linear``. Elsewhere (bf16,
+    GPUs) ``F.linear`` is the fast path.
     """
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
         return F.linear(x, weight)
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
     rows = flat.shape[0]
-    if rows in PADDED_ROWS:
-        flat = torch.cat((flat, flat[-1:]))
+    padded = padded_rows(rows)
+    if padded > rows:
+        flat = torch.cat((flat, flat[-1:].expand(padded - rows, -1)))
     out = torch.mm(weight, flat.t()).t()[:rows].contiguous()
     return out.view(*shape[:-1], weight.shape[0])
 
@@ -98,6 +114,9 @@ class DenseLinear(Linear):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return dense_linear(x, self.weight)
+
+    def matmul_rows(self, rows: int) -> int:
+        return padded_rows(rows) if self.weight.device.type == "cpu" and self.weight.dtype == torch.float32 else rows
 
 
 class Int8Linear(Linear):

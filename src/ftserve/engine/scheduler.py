@@ -18,7 +18,7 @@ from typing import Protocol
 from ftserve.engine.base import RequestState
 from ftserve.engine.batch import ScheduledChunk, SchedulerOutput
 from ftserve.engine.block_manager import BlockManager
-from ftserve.engine.speculative import AdaptiveK
+from ftserve.engine.speculative import AcceptanceRate
 
 _ids = itertools.count()
 
@@ -33,7 +33,7 @@ class Sequence(RequestState):
     block_table: list[int] = field(default_factory=list)
     namespace: str | None = None  # prefix-cache namespace: the adapter and its version
     draft: list[int] = field(default_factory=list)  # tokens proposed for this step (speculative decoding)
-    adaptive: AdaptiveK | None = None  # how many tokens to draft next (speculative decoding)
+    acceptance: AcceptanceRate | None = None  # of its drafts so far (adaptive speculative decoding)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -43,8 +43,8 @@ class Sequence(RequestState):
 class Drafting(Protocol):
     """Speculative decoding as the scheduler sees it (``engine/speculator.py``)."""
 
-    def begin_step(self, decoding: int) -> None:
-        """A step with about ``decoding`` sequences starts (what a drafted row costs depends on it)."""
+    def begin_step(self, decoding: list[Sequence]) -> None:
+        """A step starts with ``decoding`` sequences (what a drafted row costs, and pays, depends on all)."""
         ...
 
     def draft_len(self, seq: Sequence, limit: int) -> int:
@@ -90,7 +90,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         wants: list[tuple[Sequence, int]] = []  # decoding sequences that draft, and how many tokens at most
         if self.drafting is not None:
-            self.drafting.begin_step(len(self.running))
+            self.drafting.begin_step([s for s in self.running if len(s.token_ids) - s.num_computed == 1])
         for seq in list(self.running):
             if budget == 0:
                 break

@@ -153,50 +153,24 @@ def target_probs(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return torch.softmax(filter_logits(scaled, params.top_k, params.top_p), dim=-1)
 
 
-VERIFY_COST_PER_TOKEN = 0.06  # one more verified row, as a fraction of a plain decode step (measured on CPU:
-# a 5-row step costs 1.12x a 1-row one, an 8-row step 1.6x; on a GPU at small batch it is less)
+class AcceptanceRate:
+    """How often one sequence's drafted tokens are accepted: per drafted token, given that the one before it
+    was (what :func:`spec_cost.choose_drafts` weighs drafts by).
 
-
-class AdaptiveK:
-    """How many tokens to draft for one sequence, from the acceptance seen so far and what drafting costs.
-
-    Drafts are accepted up to the first rejection, so with a per-token acceptance rate ``a`` a step that
-    drafts ``k`` tokens yields ``1 + a + ... + a^k`` tokens on average and costs ``1 + k * c`` plain steps, where
-    ``c`` is the cost of one drafted token (drafting it, for a draft model, plus verifying it). Each step
-    picks the ``k`` (0 to ``k_max``) with the most tokens per cost; ``k = 0`` (plain decoding) wins once
-    acceptance is too low to pay, so a drafter that does not fit the text costs little. While off, it
-    drafts one token every ``retry_every`` steps, so the estimate can recover when the text changes.
-
-    ``a`` is an exponentially weighted estimate: accepted tokens over accepted tokens plus rejections.
+    Drafts are accepted up to the first rejection, so with a per-token rate ``a`` the number accepted
+    before a rejection is geometric, and accepted tokens over accepted tokens plus rejections estimates
+    ``a``. Both counts decay exponentially, so the estimate follows the text as it changes; a prior worth
+    about two steps stands until then.
     """
 
-    def __init__(self, k: int, prior: float = 0.7, decay: float = 0.8, retry_every: int = 16) -> None:
-        self.k_max = k
+    def __init__(self, prior: float = 0.7, decay: float = 0.8) -> None:
         self.decay = decay
-        self.retry_every = retry_every
-        self._accepted = prior * 2  # a prior worth about two steps
+        self._accepted = prior * 2
         self._rejected = (1 - prior) * 2
-        self._idle = 0
 
     @property
-    def acceptance(self) -> float:
+    def rate(self) -> float:
         return self._accepted / (self._accepted + self._rejected)
-
-    def next_k(self, cost: float = VERIFY_COST_PER_TOKEN) -> int:
-        """``cost``: drafting and verifying one token, as a fraction of a plain decode step."""
-        a = self.acceptance
-        best, best_rate, expected = 0, 1.0, 1.0
-        for k in range(1, self.k_max + 1):
-            expected += a**k
-            rate = expected / (1 + k * cost)
-            if rate > best_rate:
-                best, best_rate = k, rate
-        if best == 0:
-            self._idle += 1
-            if self._idle >= self.retry_every:  # probe: the text may have become predictable
-                self._idle = 0
-                return 1
-        return best
 
     def update(self, drafted: int, accepted: int) -> None:
         if drafted == 0:

@@ -1,66 +1,83 @@
 """Speculative decoding in the native engine: which drafter and how many tokens per request, drafting for
-a batch, and what verification leaves behind (adaptive k, acceptance counts, output history).
+a batch, and what verification leaves behind (acceptance rates, counts, output history).
 
-The scheduler asks :meth:`Speculator.draft_len` per decoding sequence, reserves the blocks, then calls
-:meth:`Speculator.propose` once for the whole batch; the engine verifies with :func:`speculative.verify`
-and reports back through :meth:`Speculator.verified`, and :meth:`Speculator.finished` when a request ends.
+The scheduler calls :meth:`Speculator.begin_step` with the step's decoding sequences, which chooses the
+drafts for the whole batch (``spec_cost.choose_drafts``); it asks :meth:`Speculator.draft_len` per sequence,
+reserves the blocks, then calls :meth:`Speculator.propose` once for the whole batch; the engine verifies with
+:func:`speculative.verify` and reports back through :meth:`Speculator.verified`, and
+:meth:`Speculator.finished` when a request ends.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from ftserve.config import Drafter, SpeculativeConfig
 from ftserve.engine.draft_model import DraftModel
 from ftserve.engine.scheduler import Sequence
-from ftserve.engine.speculative import VERIFY_COST_PER_TOKEN, AdaptiveK, OutputHistory, PromptLookup
+from ftserve.engine.spec_cost import Candidate, StepTime, choose_drafts
+from ftserve.engine.speculative import AcceptanceRate, OutputHistory, PromptLookup
 
 log = logging.getLogger(__name__)
 
-COST_DECAY = 0.9  # weight of the past in the running estimate of the draft model's cost
-
-
-class StepTime:
-    """Forward time against packed rows, ``seconds ≈ fixed + rows * per_row``, by exponentially weighted least
-    squares over recent steps (decode steps vary in rows with batch size and drafts)."""
-
-    def __init__(self, decay: float = 0.98) -> None:
-        self.decay = decay
-        self._n = self._x = self._y = self._xx = self._xy = 0.0
-
-    def add(self, rows: int, seconds: float) -> None:
-        d = self.decay
-        self._n, self._x, self._y = d * self._n + 1, d * self._x + rows, d * self._y + seconds
-        self._xx, self._xy = d * self._xx + rows * rows, d * self._xy + rows * seconds
-
-    def row_share(self, batch: int) -> float:
-        """One more row as a fraction of one sequence's share (1 / ``batch``) of a ``batch``-row step."""
-        spread = self._n * self._xx - self._x**2
-        if self._n < 4 or spread <= 1e-9 * max(1.0, self._n * self._xx):
-            return VERIFY_COST_PER_TOKEN * batch  # not enough variety in rows yet: the CPU prior
-        per_row = max(0.0, (self._n * self._xy - self._x * self._y) / spread)
-        fixed = max(1e-6, (self._y - per_row * self._x) / self._n)
-        return batch * per_row / (fixed + batch * per_row)
+COST_DECAY = 0.9  # weight of the past in the running estimate of a draft pass's time
+RECENT_DECAY = 0.98  # weight of the past in the acceptance across requests (about the last 50 drafts)
+PRIOR_PASS_SHARE = 0.5  # a draft pass as a fraction of the target's step, until a pass is timed
 
 
 class Speculator:
-    def __init__(self, config: SpeculativeConfig, max_model_len: int, draft: DraftModel | None = None) -> None:
+    def __init__(
+        self,
+        config: SpeculativeConfig,
+        max_model_len: int,
+        draft: DraftModel | None = None,
+        matmul_rows: Callable[[int], int] = lambda rows: rows,
+    ) -> None:
+        """``matmul_rows``: the row count the target's matmuls run a step's token rows as (its time follows)."""
         self.config = config
         self.max_model_len = max_model_len
         self.lookup = PromptLookup(config.ngram_max, config.ngram_min)
         self.draft = draft
-        # One draft-model pass (batched over the step's drafting sequences) as a fraction of the target's
-        # forward in the same step; measured as it runs, so k follows what drafting really costs here.
-        self.draft_cost = 0.5
-        self._draft_s: float | None = None  # time one draft pass took this step, until the forward is timed
+        self.pass_s: float | None = None  # one batched draft-model pass, measured as it runs
         self.histories: dict[str | None, OutputHistory] = {}  # by adapter namespace (None: the base model)
-        self.step_time = StepTime()
-        self._row_cost = VERIFY_COST_PER_TOKEN  # one more verified row this step (see token_cost)
+        self.step_time = StepTime(matmul_rows)
+        # Acceptance across requests, per drafter and adapter: a new request's estimate starts from it (a
+        # drafter that does not fit this traffic is not tried again at full cost by every request that arrives).
+        self.recent: dict[tuple[Drafter, str | None], AcceptanceRate] = {}
+        self._planned: dict[int, int] = {}  # seq id → tokens to draft this step
+        self._lookups: dict[int, list[int]] = {}  # seq id → what prompt lookup found this step
 
-    def begin_step(self, decoding: int) -> None:
-        """What one more verified row costs a sequence in a step of ``decoding`` rows: a row is cheap next to
-        the weights a small batch reads anyway, and dear once the batch is large enough to be compute-bound."""
-        self._row_cost = self.step_time.row_share(max(1, decoding))
+    def begin_step(self, decoding: list[Sequence]) -> None:
+        """Choose this step's drafts: each sequence's k (from the request or the deployment), or with
+        ``adaptive`` the drafts that make the whole step yield the most tokens per second."""
+        self._planned.clear()
+        self._lookups.clear()
+        candidates = []
+        for seq in decoding:
+            drafter = self.drafter_of(seq)
+            if drafter == "none":
+                continue
+            asked = seq.request.speculation
+            k = asked.num_tokens if asked is not None and asked.num_tokens is not None else self.config.num_tokens
+            room = seq.request.params.max_tokens - len(seq.generated) - 1
+            k = max(0, min(k, room, self.max_model_len - len(seq.token_ids)))
+            if drafter == "prompt-lookup" and k:  # free to compute: count only what it finds
+                self._lookups[seq.seq_id] = self.lookup.propose(seq.token_ids, k, self._history(seq))
+                k = len(self._lookups[seq.seq_id])
+            if not k:
+                continue
+            if not self.config.adaptive:
+                self._planned[seq.seq_id] = k
+                continue
+            if seq.acceptance is None:
+                recent = self.recent.get((drafter, seq.request.adapter))
+                seq.acceptance = AcceptanceRate() if recent is None else AcceptanceRate(prior=recent.rate)
+            candidates.append(Candidate(seq.seq_id, seq.acceptance.rate, k, drafter == "draft-model"))
+        if candidates:
+            steps = self.step_time.seconds
+            pass_s = self.pass_s if self.pass_s is not None else PRIOR_PASS_SHARE * steps(len(decoding))
+            self._planned.update(choose_drafts(candidates, len(decoding), steps, pass_s))
 
     @property
     def available(self) -> tuple[Drafter, ...]:
@@ -78,18 +95,8 @@ class Speculator:
         return name if name in self.available else "none"
 
     def draft_len(self, seq: Sequence, limit: int) -> int:
-        """Tokens to draft for ``seq`` now: its k (adaptive) capped by ``limit``, max_tokens and the context."""
-        drafter = self.drafter_of(seq)
-        if drafter == "none":
-            return 0
-        asked = seq.request.speculation
-        k = asked.num_tokens if asked is not None and asked.num_tokens is not None else self.config.num_tokens
-        if self.config.adaptive:
-            if seq.adaptive is None:
-                seq.adaptive = AdaptiveK(k)
-            k = seq.adaptive.next_k(self.token_cost(drafter))
-        room = seq.request.params.max_tokens - len(seq.generated) - 1
-        return max(0, min(k, limit, room, self.max_model_len - len(seq.token_ids)))
+        """Tokens to draft for ``seq`` in this step, at most ``limit`` (what :meth:`begin_step` chose)."""
+        return max(0, min(self._planned.get(seq.seq_id, 0), limit))
 
     def propose(self, wants: list[tuple[Sequence, int]]) -> None:
         by_model = []
@@ -97,7 +104,7 @@ class Speculator:
             seq.draft = []
             drafter = self.drafter_of(seq)
             if drafter == "prompt-lookup":
-                seq.draft = self.lookup.propose(seq.token_ids, k, self._history(seq))
+                seq.draft = self._lookups.get(seq.seq_id, [])[:k]
             elif drafter == "draft-model":
                 by_model.append((seq, k))
         if by_model and self.draft is not None:
@@ -108,30 +115,26 @@ class Speculator:
                 self.draft = None
                 return
             passes = self.draft.pass_s
-            self._draft_s = sum(passes) / len(passes) if passes else None
+            if passes:
+                mean = sum(passes) / len(passes)
+                self.pass_s = mean if self.pass_s is None else COST_DECAY * self.pass_s + (1 - COST_DECAY) * mean
             for (seq, _), draft in zip(by_model, drafts, strict=True):
                 seq.draft = draft
 
     def forward_took(self, seconds: float, rows: int | None) -> None:
-        """The target's forward of this step: turns the step's draft time into a relative cost and, for a
-        decode step (``rows`` packed tokens; None for a step with prefill), refines what one more row costs."""
-        if self._draft_s is not None and seconds > 0:
-            self.draft_cost = COST_DECAY * self.draft_cost + (1 - COST_DECAY) * self._draft_s / seconds
-        self._draft_s = None
+        """The target's forward of this step took ``seconds``; ``rows`` packed tokens for a decode step (None
+        for a step with prefill, which says nothing about what a drafted row costs)."""
         if rows is not None:
             self.step_time.add(rows, seconds)
-
-    def token_cost(self, drafter: Drafter) -> float:
-        """What drafting one more token costs a sequence this step, as a fraction of its share of a plain step:
-        drafting it (a draft model) plus verifying it (one more row, see :meth:`begin_step`)."""
-        return self._row_cost + (self.draft_cost if drafter == "draft-model" else 0.0)
 
     def verified(self, seq: Sequence, drafted: int, accepted: int) -> None:
         seq.num_drafts += 1
         seq.num_draft_tokens += drafted
         seq.num_accepted_tokens += accepted
-        if seq.adaptive is not None:
-            seq.adaptive.update(drafted, accepted)
+        if seq.acceptance is not None:
+            seq.acceptance.update(drafted, accepted)
+        recent = self.recent.setdefault((self.drafter_of(seq), seq.request.adapter), AcceptanceRate(decay=RECENT_DECAY))
+        recent.update(drafted, accepted)
 
     def finished(self, seq: Sequence) -> None:
         """A request ended: drop its draft KV; if it drafted by prompt lookup, remember its output for that."""
