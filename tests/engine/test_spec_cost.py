@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import pytest
 
@@ -136,3 +137,18 @@ def test_a_new_request_starts_from_the_drafters_recent_acceptance() -> None:
     other = sequence([1, 2, 3, 4, 5, 2, 3], adapter="a")  # another adapter: its own record
     speculator.begin_step([other])
     assert other.acceptance is not None and other.acceptance.rate == pytest.approx(0.7)
+
+
+def test_draft_passes_are_costed_by_how_many_sequences_they_carry() -> None:
+    draft = SimpleNamespace(model=SimpleNamespace(matmul_rows=lambda rows: rows), name="fake")  # never proposes here
+    speculator = Speculator(SpeculativeConfig(drafter="draft-model"), 512, draft)  # type: ignore[arg-type]
+    for rows in [1, 2, 4, 8, 12, 16] * 4:
+        speculator.forward_took(0.050 + 0.002 * rows, rows)  # verified rows are cheap ...
+    for rows in [1, 2, 4, 8] * 4:
+        speculator.pass_time.add(rows, 0.004 + 0.025 * rows)  # ... a draft pass over many sequences is not
+    alone = sequence([1, 2, 3])
+    speculator.begin_step([alone])
+    assert speculator.draft_len(alone, 10) > 0
+    batch = [sequence([1, 2, 3]) for _ in range(8)]
+    speculator.begin_step(batch)
+    assert [speculator.draft_len(seq, 10) for seq in batch] == [0] * 8

@@ -58,7 +58,7 @@ class DraftModel:
         self.cache: KVCache | None = None
         self.shared = False  # the draft reads (and scribbles past) the target's own KV cache
         self._written: dict[int, _Written] = {}
-        self.pass_s: list[float] = []  # time of each plain drafting pass of the last propose()
+        self.passes: list[tuple[int, float]] = []  # (rows, seconds) of each plain drafting pass of the last propose()
 
     def bind(self, target_cache: KVCache, target_shape: ModelShape) -> None:
         """Give the draft its KV cache: the target's own when the KV layouts match (see the module docstring),
@@ -85,7 +85,7 @@ class DraftModel:
         if cache is None:
             raise RuntimeError("draft model used before bind()")
         drafts: list[list[int]] = [[] for _ in wants]
-        self.pass_s = []
+        self.passes = []
         for step in range(max(k for _, k in wants)):
             active = [i for i, (_, k) in enumerate(wants) if k > step]
             pieces = [self._piece(wants[i][0], drafts[i]) for i in active]
@@ -93,7 +93,7 @@ class DraftModel:
             started = time.perf_counter()
             logits = self.model.forward(batch, cache, None, self.num_layers)
             if max(batch.query_lens) <= 2:  # a plain drafting pass, not a catch-up on many tokens
-                self.pass_s.append(time.perf_counter() - started)
+                self.passes.append((sum(batch.query_lens), time.perf_counter() - started))
             for i, token in zip(active, logits.argmax(dim=-1).tolist(), strict=True):
                 drafts[i].append(token)
         if not self.shared:  # its own KV now stands for every known token and every draft but the last

@@ -35,6 +35,10 @@ class StepTime:
         self._n, self._x, self._y = d * self._n + 1, d * self._x + x, d * self._y + seconds
         self._xx, self._xy = d * self._xx + x * x, d * self._xy + x * seconds
 
+    @property
+    def timed(self) -> bool:
+        return self._n > 0
+
     def seconds(self, rows: int) -> float:
         """Expected forward time of a decode step of ``rows`` token rows."""
         x, n = self.matmul_rows(rows), self._n

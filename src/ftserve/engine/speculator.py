@@ -21,7 +21,6 @@ from ftserve.engine.speculative import AcceptanceRate, OutputHistory, PromptLook
 
 log = logging.getLogger(__name__)
 
-COST_DECAY = 0.9  # weight of the past in the running estimate of a draft pass's time
 RECENT_DECAY = 0.98  # weight of the past in the acceptance across requests (about the last 50 drafts)
 PRIOR_PASS_SHARE = 0.5  # a draft pass as a fraction of the target's step, until a pass is timed
 
@@ -39,7 +38,9 @@ class Speculator:
         self.max_model_len = max_model_len
         self.lookup = PromptLookup(config.ngram_max, config.ngram_min)
         self.draft = draft
-        self.pass_s: float | None = None  # one batched draft-model pass, measured as it runs
+        # One batched draft-model pass against the sequences in it, measured as it runs: a pass of 8 costs
+        # more than one of 1, and more so in the draft's INT8 kernels than in the target's fp32 matmuls.
+        self.pass_time = StepTime(draft.model.matmul_rows if draft is not None else lambda rows: rows)
         self.histories: dict[str | None, OutputHistory] = {}  # by adapter namespace (None: the base model)
         self.step_time = StepTime(matmul_rows)
         # Acceptance across requests, per drafter and adapter: a new request's estimate starts from it (a
@@ -76,7 +77,9 @@ class Speculator:
             candidates.append(Candidate(seq.seq_id, seq.acceptance.rate, k, drafter == "draft-model"))
         if candidates:
             steps = self.step_time.seconds
-            pass_s = self.pass_s if self.pass_s is not None else PRIOR_PASS_SHARE * steps(len(decoding))
+            drafting = sum(c.by_model for c in candidates)
+            timed = self.pass_time.timed
+            pass_s = self.pass_time.seconds(drafting) if timed else PRIOR_PASS_SHARE * steps(len(decoding))
             self._planned.update(choose_drafts(candidates, len(decoding), steps, pass_s))
 
     @property
@@ -114,10 +117,8 @@ class Speculator:
                 log.exception("draft model %s failed; speculation by draft model is now off", self.draft.name)
                 self.draft = None
                 return
-            passes = self.draft.pass_s
-            if passes:
-                mean = sum(passes) / len(passes)
-                self.pass_s = mean if self.pass_s is None else COST_DECAY * self.pass_s + (1 - COST_DECAY) * mean
+            for rows, seconds in self.draft.passes:
+                self.pass_time.add(rows, seconds)
             for (seq, _), draft in zip(by_model, drafts, strict=True):
                 seq.draft = draft
 
