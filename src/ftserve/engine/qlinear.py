@@ -77,6 +77,11 @@ def padded_rows(rows: int) -> int:
     return -(-rows // 8) * 8
 
 
+def runs_in_panels(weight: torch.Tensor) -> bool:
+    """Whether dense_linear runs ``weight`` through MKL with padded rows (CPU, float32)."""
+    return weight.device.type == "cpu" and weight.dtype == torch.float32
+
+
 def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T`` for a dense [N, K] weight.
 
@@ -93,7 +98,7 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     other rows share the call; beyond, it may differ in the last bit, as with ``F.linear``. Elsewhere (bf16,
     GPUs) ``F.linear`` is the fast path.
     """
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+    if not runs_in_panels(weight):
         return F.linear(x, weight)
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
@@ -116,7 +121,7 @@ class DenseLinear(Linear):
         return dense_linear(x, self.weight)
 
     def matmul_rows(self, rows: int) -> int:
-        return padded_rows(rows) if self.weight.device.type == "cpu" and self.weight.dtype == torch.float32 else rows
+        return padded_rows(rows) if runs_in_panels(self.weight) else rows
 
 
 class Int8Linear(Linear):

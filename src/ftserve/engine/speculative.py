@@ -48,7 +48,7 @@ class PromptLookup:
                 follow = history.propose(tokens, k, n)
             if follow:
                 return follow
-        if self.anchors and self.ngram_min > 1 and total > 1 and tokens[:-1].count(tokens[-1]) == 1:
+        if self.anchors and self.ngram_min > 1 and total > 1 and tokens.count(tokens[-1]) == 2:  # once before the last
             return self._match(tokens, 1, k)
         return []
 
