@@ -4,13 +4,21 @@ reporting memory growth and errors.
 It starts its own ``bentoml serve`` (the default deployment, as ``make serve`` runs it), drives it with the
 load test's Locust users, and samples the memory of the server's whole process tree every few seconds: its
 anonymous memory (heap; what a leak grows) and its whole resident set. The first minutes are warm-up
-(caches fill, the allocator settles) and are left out; after them, the memory trend is a least-squares
-slope, and growth is the median of the last window minus the median of the first. The baseline is the same
-run's memory right after warm-up. Rows:
+(caches fill, the allocator settles) and are left out.
+
+Growth is judged on the floor of memory: a low percentile over the first and over the last ``window`` of
+the run after warm-up. Resident memory is the live set plus freed heap the allocator has not yet handed
+back (the engine trims it every few seconds, see ``engine.heap``); that part only ever adds, and here it
+swings by up to ~190 MB within a minute while what is allocated holds still (over one soak glibc's in-use
+bytes stayed between 542 and 588 MB; heaptrack, attached for 8 minutes of load, found 21 MB not freed at
+the end, 19.5 MB of it from one tensor-indexing site). A leak raises the floor as much as the top, so the
+floor shows it; a median of a few samples at each end, judged before, swung from -26 to +85 MB between two runs
+whose floors grew 14 and 9 MB. The median growth and a least-squares slope are reported beside it.
+Rows:
 
 - ``{"engine": "native", "scenario": "soak", "requests", "failures", "anon_mb_start", "anon_mb_end",
-  "anon_growth_mb", "anon_slope_mb_per_min", "rss_mb_start", ..., "steady_growth"}`` plus the load test's
-  latency figures;
+  "anon_growth_mb", "anon_median_growth_mb", "anon_slope_mb_per_min", "rss_mb_start", ..., "steady_growth"}``
+  plus the load test's latency figures;
 - one ``{"scenario": "soak-memory", "t_s", "anon_mb", "rss_mb"}`` row per memory sample.
 """
 
@@ -34,6 +42,9 @@ from ftserve.loadtest.settings import LoadtestConfig, load_scenarios, load_slo, 
 
 log = logging.getLogger(__name__)
 
+FLOOR_PERCENTILE = 10  # of a window's samples: its memory floor
+MIN_WINDOW_SAMPLES = 4
+
 
 class SoakBenchConfig(BaseModel):
     """Settings of ``ftserve bench soak``; the CLI options are generated from these fields."""
@@ -46,13 +57,16 @@ class SoakBenchConfig(BaseModel):
     scenarios: Path = Field(Path("loadtest/scenarios.yaml"), description="Request mix.")
     slo: Path = Field(Path("loadtest/slo.yaml"), description="SLO the run is also judged against.")
     sample_every_s: float = Field(5.0, gt=0, description="Seconds between memory samples.")
-    window: int = Field(6, ge=1, description="Samples in the first / last window whose medians give growth.")
-    max_growth_mb: float = Field(64.0, gt=0, description="Growth (end - start, after warm-up) allowed, in MB.")
+    window: str = Field("2m", description="First / last part of the run after warm-up whose memory floors give growth.")
+    max_growth_mb: float = Field(64.0, gt=0, description="Growth of the memory floor (end - start) allowed, in MB.")
 
     @model_validator(mode="after")
     def _durations(self) -> SoakBenchConfig:
-        if parse_duration(self.warmup) >= parse_duration(self.duration):
+        warmup, duration = parse_duration(self.warmup), parse_duration(self.duration)
+        if warmup >= duration:
             raise ValueError(f"warmup ({self.warmup}) must be shorter than duration ({self.duration})")
+        if 2 * parse_duration(self.window) > duration - warmup:
+            raise ValueError(f"two {self.window} windows do not fit in {self.duration} after {self.warmup} of warm-up")
         return self
 
 
@@ -107,20 +121,29 @@ class MemorySampler:
         self._thread.join()
 
 
-def memory_trend(samples: list[tuple[float, float]], warmup_s: float, window: int, name: str) -> dict[str, Any]:
-    """Start / end medians, growth and slope of the (seconds, MB) samples after warm-up, keys prefixed by name."""
+def memory_trend(samples: list[tuple[float, float]], warmup_s: float, window_s: float, name: str) -> dict[str, Any]:
+    """Floors at start and end, their growth, the median growth and the slope of the (seconds, MB) samples
+    after warm-up, keys prefixed by name. A floor is the ``FLOOR_PERCENTILE``-th percentile of the samples in
+    the first (last) ``window_s`` seconds after warm-up; see the module docstring for why."""
     kept = [(t, mb) for t, mb in samples if t >= warmup_s]
-    if len(kept) < 2 * window:
-        raise ValueError(f"only {len(kept)} memory samples after warm-up; need {2 * window} (run longer)")
+    if not kept:
+        raise ValueError("no memory samples after warm-up (run longer)")
     times = np.array([t for t, _ in kept])
     mbs = np.array([mb for _, mb in kept])
-    slope_per_s = float(np.polyfit(times, mbs, 1)[0])
-    start, end = float(np.median(mbs[:window])), float(np.median(mbs[-window:]))
+    first, last = mbs[times < times[0] + window_s], mbs[times > times[-1] - window_s]
+    if min(len(first), len(last)) < MIN_WINDOW_SAMPLES or times[-1] - times[0] < 2 * window_s:
+        raise ValueError(
+            f"only {len(kept)} memory samples over {times[-1] - times[0]:.0f} s after warm-up; need two windows of "
+            f"{window_s:g} s with {MIN_WINDOW_SAMPLES} samples each (run longer or sample more often)"
+        )
+    start, end = float(np.percentile(first, FLOOR_PERCENTILE)), float(np.percentile(last, FLOOR_PERCENTILE))
+    slope_per_s = float(np.polyfit(times, mbs, 1)[0]) if len(kept) > 1 else 0.0
     return {
         f"{name}_mb_start": round(start, 1),
         f"{name}_mb_end": round(end, 1),
         f"{name}_mb_max": round(float(mbs.max()), 1),
         f"{name}_growth_mb": round(end - start, 1),
+        f"{name}_median_growth_mb": round(float(np.median(last) - np.median(first)), 1),
         f"{name}_slope_mb_per_min": round(slope_per_s * 60, 3),
     }
 
@@ -141,9 +164,9 @@ def run_soak(config: SoakBenchConfig, home: Path, json_path: Path, root: Path) -
         with MemorySampler(served.pid, config.sample_every_s) as memory:
             duration, samples = run_locust(load, base)
     report = summarize(samples, RunInfo(served.url, config.users, config.users, duration), slo)
-    warmup = parse_duration(config.warmup)
-    trend = memory_trend([(t, anon) for t, anon, _ in memory.samples], warmup, config.window, "anon")
-    trend |= memory_trend([(t, rss) for t, _, rss in memory.samples], warmup, config.window, "rss")
+    warmup, window = parse_duration(config.warmup), parse_duration(config.window)
+    trend = memory_trend([(t, anon) for t, anon, _ in memory.samples], warmup, window, "anon")
+    trend |= memory_trend([(t, rss) for t, _, rss in memory.samples], warmup, window, "rss")
     steady = trend["anon_growth_mb"] > config.max_growth_mb
     keys = ("requests", "failures", "error_rate", "requests_per_s", "tokens_per_s", "p50_ttft_ms", "p95_ttft_ms",
             "p95_itl_ms", "p95_e2e_ms", "slo_ok")  # fmt: skip
@@ -154,9 +177,10 @@ def run_soak(config: SoakBenchConfig, home: Path, json_path: Path, root: Path) -
                      "rss_mb": round(rss, 1)} for t, anon, rss in memory.samples]  # fmt: skip
     json_path.write_text(json.dumps(rows, indent=1) + "\n")
     log.info(
-        "soak: %d requests, %d failed; anonymous memory %.0f -> %.0f MB after warm-up (%+.1f MB, %+.2f MB/min; "
-        "RSS %+.1f MB): %s",
+        "soak: %d requests, %d failed; anonymous memory floor %.0f -> %.0f MB after warm-up (%+.1f MB; median "
+        "%+.1f MB, %+.2f MB/min; RSS floor %+.1f MB): %s",
         row["requests"], row["failures"], trend["anon_mb_start"], trend["anon_mb_end"], trend["anon_growth_mb"],
-        trend["anon_slope_mb_per_min"], trend["rss_growth_mb"], "GROWING" if steady else "no steady growth",
+        trend["anon_median_growth_mb"], trend["anon_slope_mb_per_min"], trend["rss_growth_mb"],
+        "GROWING" if steady else "no steady growth",
     )  # fmt: skip
     return rows
