@@ -9,14 +9,16 @@ Scenarios (``requests`` prompts each, greedy, stopping at EOS or ``max_new_token
 Each scenario runs at each batch size (that many requests in flight at once) with drafter ``none``,
 ``prompt-lookup`` (``history: true``, the default, also drafting from earlier outputs of the same adapter in
 the run; ``history: false``, the request's own text only) and ``draft-model`` (one set of rows per ``drafts``
-entry), chosen per request, the cases interleaved within each repeat so drift hits them alike. Every run
-starts with an empty output history, so no prompt's answer is drafted from an earlier run of that prompt.
+entry), chosen per request, the cases interleaved within each repeat so drift hits them alike (every other
+repeat in reverse order). Every run starts with an empty output history, so no prompt's answer is drafted
+from an earlier run of that prompt.
 
 A row: ``tokens_per_s`` (decode speed of a stream: tokens after each request's first over the time from
 its first token to its last, median of ``repeats``), ``throughput_tokens_per_s`` (all output tokens over the
-case's wall time, prefill included), ``speedup`` (``tokens_per_s`` vs ``none``, same scenario and batch),
-``acceptance_rate`` (accepted / drafted tokens) and ``same_output`` (every request's tokens equal the
-``none`` run's: greedy speculation must not change them).
+case's wall time, prefill included), ``speedup`` (``tokens_per_s`` over ``none``'s in the same repeat,
+median over repeats: paired, so a machine whose speed drifts between repeats does not compare one repeat's
+case with another's baseline), ``acceptance_rate`` (accepted / drafted tokens) and ``same_output`` (every
+request's tokens equal the ``none`` run's in every repeat: greedy speculation must not change them).
 """
 
 from __future__ import annotations
@@ -195,8 +197,8 @@ async def _run(config: SpecBenchConfig, model_dir: Path, json_path: Path) -> lis
         for scenario, prompts in scenarios(config, adapter).items():
             for batch in config.batches:
                 runs = await _measure(cases, prompts, batch, config)
-                for case, run in zip(cases, runs, strict=True):
-                    rows.append(_row(scenario, case, batch, run, runs[0], dtype))
+                for case, repeats in zip(cases, runs, strict=True):
+                    rows.append(_row(scenario, case, batch, repeats, runs[0], dtype))
                     log.info("%s", rows[-1])
                 write_rows(json_path, rows)
     finally:
@@ -205,19 +207,21 @@ async def _run(config: SpecBenchConfig, model_dir: Path, json_path: Path) -> lis
     return rows
 
 
-async def _measure(cases: list[Case], prompts: list[Prompt], batch: int, config: SpecBenchConfig) -> list[Run]:
-    """Every case ``repeats`` times, interleaved; each run starts with no output history (prompt lookup must
-    not draft a prompt's answer from an earlier run of the same prompt)."""
+async def _measure(cases: list[Case], prompts: list[Prompt], batch: int, config: SpecBenchConfig) -> list[list[Run]]:
+    """Every case ``repeats`` times, interleaved, every other repeat in reverse order (so a drift within a
+    repeat favours no case); each run starts with no output history (prompt lookup must not draft a prompt's
+    answer from an earlier run of the same prompt). Runs per case, in repeat order."""
     for case in cases:
         await run_case(case.engine, prompts[:1], 1, "none", config.num_tokens, 8)  # warm-up
     runs: list[list[Run]] = [[] for _ in cases]
-    for _ in tqdm(range(config.repeats), desc=f"batch {batch}", unit="repeat", leave=False):
-        for case, done in zip(cases, runs, strict=True):
+    for repeat in tqdm(range(config.repeats), desc=f"batch {batch}", unit="repeat", leave=False):
+        order = list(zip(cases, runs, strict=True))
+        for case, done in order if repeat % 2 == 0 else reversed(order):
             case.engine.speculator.clear_history()
             done.append(
                 await run_case(case.engine, prompts, batch, case.drafter, config.num_tokens, config.max_new_tokens)
             )
-    return [_median(r) for r in runs]
+    return runs
 
 
 def _median(runs: list[Run]) -> Run:
@@ -226,19 +230,25 @@ def _median(runs: list[Run]) -> Run:
     return Run(rate, throughput, mid.outputs, mid.drafted, mid.accepted)
 
 
-def _row(scenario: str, case: Case, batch: int, run: Run, none: Run, dtype: Any) -> Row:
+def paired_speedup(runs: list[Run], baseline: list[Run]) -> float:
+    """Median over repeats of a case's decode speed over the baseline's in the same repeat."""
+    return statistics.median(r.tokens_per_s / b.tokens_per_s for r, b in zip(runs, baseline, strict=True))
+
+
+def _row(scenario: str, case: Case, batch: int, runs: list[Run], none: list[Run], dtype: Any) -> Row:
+    run = _median(runs)
     return {
         "scenario": scenario,
         "drafter": case.drafter,
         "batch": batch,
         "tokens_per_s": round(run.tokens_per_s, 2),
         "throughput_tokens_per_s": round(run.throughput, 2),
-        "speedup": round(run.tokens_per_s / none.tokens_per_s, 3),
+        "speedup": round(paired_speedup(runs, none), 3),
         "acceptance_rate": round(run.accepted / run.drafted, 3) if run.drafted else None,
         "draft_tokens": run.drafted,
         "accepted_tokens": run.accepted,
         "output_tokens": sum(len(t) for t in run.outputs),
-        "same_output": run.outputs == none.outputs,
+        "same_output": all(r.outputs == b.outputs for r, b in zip(runs, none, strict=True)),
         "dtype": str(dtype).removeprefix("torch."),
         **case.fields,
     }
