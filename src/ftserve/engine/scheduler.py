@@ -35,6 +35,11 @@ class Sequence(RequestState):
     draft: list[int] = field(default_factory=list)  # tokens proposed for this step (speculative decoding)
     acceptance: AcceptanceRate | None = None  # of its drafts so far (adaptive speculative decoding)
 
+    @property
+    def pending(self) -> int:
+        """Tokens not yet in the KV cache: 1 while decoding, more while its prompt is being prefilled."""
+        return len(self.token_ids) - self.num_computed
+
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.request.prompt_token_ids)
@@ -90,13 +95,13 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         wants: list[tuple[Sequence, int]] = []  # decoding sequences that draft, and how many tokens at most
         if self.drafting is not None:
-            self.drafting.begin_step([s for s in self.running if len(s.token_ids) - s.num_computed == 1])
+            self.drafting.begin_step([s for s in self.running if s.pending == 1])
         for seq in list(self.running):
             if budget == 0:
                 break
             if seq not in self.running:  # preempted by an earlier iteration of this loop
                 continue
-            pending = len(seq.token_ids) - seq.num_computed
+            pending = seq.pending
             n = min(pending, budget)
             seq.draft = []
             # A decoding sequence may carry drafted tokens, verified by the same forward: reserve their blocks
@@ -125,7 +130,7 @@ class Scheduler:
             if seq.scheduled_at is None:  # first admission (not a re-admission after preemption)
                 seq.scheduled_at = time.monotonic()
                 seq.num_cached_tokens = alloc.num_cached_tokens
-            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            n = min(seq.pending, budget)
             self.running.append(seq)
             if adapter is not None:
                 adapters.add(adapter)

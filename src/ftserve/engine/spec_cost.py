@@ -20,12 +20,17 @@ PRIOR_ROW_COST = 0.06  # one more matmul row as a fraction of a one-row step, un
 PRIOR_STEP_S = 0.05  # a decode step's time before any was timed; only ratios matter until then
 
 
+def unpadded(rows: int) -> int:
+    """``matmul_rows`` of a model whose matmuls run the token rows as they are."""
+    return rows
+
+
 class StepTime:
     """Forward seconds against the row count its matmuls run (``matmul_rows`` of the token rows):
     ``seconds ≈ fixed + per_row * matmul_rows(rows)``, by exponentially weighted least squares over recent
     decode steps. Until the steps seen vary in rows, the prior's shape scaled to their mean time."""
 
-    def __init__(self, matmul_rows: Callable[[int], int] = lambda rows: rows, decay: float = 0.98) -> None:
+    def __init__(self, matmul_rows: Callable[[int], int] = unpadded, decay: float = 0.98) -> None:
         self.matmul_rows = matmul_rows
         self.decay = decay
         self._n = self._x = self._y = self._xx = self._xy = 0.0
@@ -79,17 +84,19 @@ def choose_drafts(
     in ``step_s(decoding + r) + p * pass_s`` seconds. The best ``p`` and ``r`` win; no drafts (plain
     decoding) when none pay, so a drafter that does not fit the text costs little.
     """
-    best_passes, best_r = 0, 0
-    best_rate = decoding / step_s(decoding)
     most_passes = max((c.most for c in candidates if c.by_model), default=0)
-    for passes in range(most_passes + 1):
+    rankings = [_ranked(candidates, passes) for passes in range(most_passes + 1)]
+    step = [step_s(decoding + r) for r in range(max(map(len, rankings)) + 1)]  # by drafted rows, fitted once
+    best_passes, best_r = 0, 0
+    best_rate = decoding / step[0]
+    for passes, ranked in enumerate(rankings):
         expected = float(decoding)
-        for r, (gain, _) in enumerate(_ranked(candidates, passes), start=1):
+        for r, (gain, _) in enumerate(ranked, start=1):
             expected += gain
-            rate = expected / (step_s(decoding + r) + passes * pass_s)
+            rate = expected / (step[r] + passes * pass_s)
             if rate > best_rate:
                 best_passes, best_r, best_rate = passes, r, rate
-    return dict(Counter(c.seq_id for _, c in _ranked(candidates, best_passes)[:best_r]))
+    return dict(Counter(c.seq_id for _, c in rankings[best_passes][:best_r]))
 
 
 def _ranked(candidates: list[Candidate], passes: int) -> list[tuple[float, Candidate]]:

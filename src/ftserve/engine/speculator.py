@@ -16,7 +16,7 @@ from collections.abc import Callable
 from ftserve.config import Drafter, SpeculativeConfig
 from ftserve.engine.draft_model import DraftModel
 from ftserve.engine.scheduler import Sequence
-from ftserve.engine.spec_cost import Candidate, StepTime, choose_drafts
+from ftserve.engine.spec_cost import Candidate, StepTime, choose_drafts, unpadded
 from ftserve.engine.speculative import AcceptanceRate, OutputHistory, PromptLookup
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ class Speculator:
         config: SpeculativeConfig,
         max_model_len: int,
         draft: DraftModel | None = None,
-        matmul_rows: Callable[[int], int] = lambda rows: rows,
+        matmul_rows: Callable[[int], int] = unpadded,
     ) -> None:
         """``matmul_rows``: the row count the target's matmuls run a step's token rows as (its time follows)."""
         self.config = config
@@ -40,7 +40,7 @@ class Speculator:
         self.draft = draft
         # One batched draft-model pass against the sequences in it, measured as it runs: a pass of 8 costs
         # more than one of 1, and more so in the draft's INT8 kernels than in the target's fp32 matmuls.
-        self.pass_time = StepTime(draft.model.matmul_rows if draft is not None else lambda rows: rows)
+        self.pass_time = StepTime(draft.model.matmul_rows) if draft is not None else StepTime()
         self.histories: dict[str | None, OutputHistory] = {}  # by adapter namespace (None: the base model)
         self.step_time = StepTime(matmul_rows)
         # Acceptance across requests, per drafter and adapter: a new request's estimate starts from it (a
