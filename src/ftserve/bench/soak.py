@@ -137,7 +137,7 @@ def memory_trend(samples: list[tuple[float, float]], warmup_s: float, window_s: 
             f"{window_s:g} s with {MIN_WINDOW_SAMPLES} samples each (run longer or sample more often)"
         )
     start, end = float(np.percentile(first, FLOOR_PERCENTILE)), float(np.percentile(last, FLOOR_PERCENTILE))
-    slope_per_s = float(np.polyfit(times, mbs, 1)[0]) if len(kept) > 1 else 0.0
+    slope_per_s = float(np.polyfit(times, mbs, 1)[0])
     return {
         f"{name}_mb_start": round(start, 1),
         f"{name}_mb_end": round(end, 1),
