@@ -157,6 +157,12 @@ class EngineConfig(_Strict):
         None, ge=16, description="KV-cache capacity in tokens; default max_num_seqs * max_model_len."
     )
     enable_prefix_caching: bool = Field(True, description="Reuse the KV of shared prompt prefixes.")
+    attention_kernel: Literal["auto", "torch"] = Field(
+        "auto",
+        description="Decode attention on CPU with a float32 cache: auto = the compiled paged-attention kernel "
+        "(built on first start, cached; torch's path with a logged reason if it cannot be built), torch = "
+        "gather each row's KV blocks and attend with torch matmuls.",
+    )
     max_loras: int = Field(8, ge=1, le=256, description="LoRA adapters resident for compute at once (slots).")
     max_lora_rank: int = Field(32, ge=1, le=512, description="Largest LoRA rank an adapter may have.")
     max_cpu_loras: int = Field(

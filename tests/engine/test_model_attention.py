@@ -1,4 +1,4 @@
-"""Paged decode attention against a dense reference, on both of its code paths."""
+"""Paged attention against a dense reference, on each of its code paths: torch's and the compiled kernel's."""
 
 from __future__ import annotations
 
@@ -6,17 +6,28 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ftserve.engine import model as model_mod
+from ftserve.engine import attention as attention_mod
+from ftserve.engine.attention import AttentionPlan
 from ftserve.engine.batch import ForwardBatch
-from ftserve.engine.model import _AttentionPlan
+from ftserve.engine.kernels import PagedAttention, paged_attention_kernel
+
+CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("small_limit", [0, 1 << 30], ids=["per-head-path", "one-shot-path"])
+def kernel_for(path: str) -> PagedAttention | None:
+    if not path.startswith("kernel"):
+        return None
+    kernel = paged_attention_kernel("auto", CPU)
+    assert kernel is not None, "the paged-attention kernel did not build (see the log)"
+    return kernel
+
+
+@pytest.mark.parametrize("path", ["per-head", "one-shot", "kernel"])
 @pytest.mark.parametrize("rows", [[0, 1, 2], [1]], ids=["three-rows", "one-row"])
 def test_paged_decode_attention_matches_dense_attention(
-    small_limit: int, rows: list[int], monkeypatch: pytest.MonkeyPatch
+    path: str, rows: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(model_mod, "SMALL_DECODE_TOKENS", small_limit)
+    monkeypatch.setattr(attention_mod, "SMALL_DECODE_TOKENS", 0 if path == "per-head" else 1 << 30)
     gen = torch.Generator().manual_seed(0)
     kv_heads, heads, dim, block_size, num_blocks = 3, 9, 16, 4, 20
     k_cache = torch.randn(kv_heads, num_blocks * block_size, dim, generator=gen)
@@ -35,7 +46,8 @@ def test_paged_decode_attention_matches_dense_attention(
         logits_indices=torch.arange(len(rows)),
     )
     q = torch.randn(len(rows), heads, dim, generator=gen)
-    got = _AttentionPlan(batch, block_size, num_blocks, torch.device("cpu")).attend(q, k_cache, v_cache)
+    plan = AttentionPlan(batch, block_size, num_blocks, CPU, heads // kv_heads, kernel_for(path))
+    got = plan.attend(q, k_cache, v_cache)
     for row, (table, n) in enumerate(zip(tables, lengths, strict=True)):
         slots = torch.tensor([b * block_size + o for b in table for o in range(block_size)])[:n]
         k = k_cache[:, slots].repeat_interleave(heads // kv_heads, dim=0)  # [H, n, D]
@@ -44,14 +56,23 @@ def test_paged_decode_attention_matches_dense_attention(
         torch.testing.assert_close(got[row], want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("short_limit", [0, 16], ids=["masked-sdpa-path", "short-chunk-path"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("path", "dtype"),
+    [
+        ("masked-sdpa", torch.float32),
+        ("masked-sdpa", torch.bfloat16),
+        ("short-chunk", torch.float32),
+        ("short-chunk", torch.bfloat16),
+        ("kernel", torch.float32),
+        ("kernel-beside-sdpa", torch.float32),  # the chunk through SDPA, the decode row through the kernel
+    ],
+)
 def test_a_short_chunk_attends_causally_over_its_paged_context(
-    short_limit: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+    path: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A verify chunk (queries at the end of a sequence) next to a decode row: each query sees the keys up to
-    its own position, through scattered blocks, on both code paths."""
-    monkeypatch.setattr(model_mod, "SHORT_CHUNK", short_limit)
+    its own position, through scattered blocks, on each code path (the kernel takes float32 caches only)."""
+    monkeypatch.setattr(attention_mod, "SHORT_CHUNK", 0 if path in ("masked-sdpa", "kernel-beside-sdpa") else 16)
     gen = torch.Generator().manual_seed(1)
     kv_heads, heads, dim, block_size, num_blocks = 3, 9, 16, 4, 20
     k_cache = torch.randn(kv_heads, num_blocks * block_size, dim, generator=gen).to(dtype)
@@ -67,9 +88,8 @@ def test_a_short_chunk_attends_causally_over_its_paged_context(
         logits_indices=torch.arange(n + 1),
     )
     q = torch.randn(n + 1, heads, dim, generator=gen).to(dtype)
-    got = _AttentionPlan(batch, block_size, num_blocks, torch.device("cpu"), heads // kv_heads).attend(
-        q, k_cache, v_cache
-    )
+    plan = AttentionPlan(batch, block_size, num_blocks, CPU, heads // kv_heads, kernel_for(path))
+    got = plan.attend(q, k_cache, v_cache)
     slots = torch.tensor([b * block_size + o for b in table for o in range(block_size)])[:ctx]
     k = k_cache[:, slots].float().repeat_interleave(heads // kv_heads, dim=0)  # [H, ctx, D]
     v = v_cache[:, slots].float().repeat_interleave(heads // kv_heads, dim=0)

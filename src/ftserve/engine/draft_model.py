@@ -71,7 +71,12 @@ class DraftModel:
             self.cache = target_cache
         else:
             self.cache = KVCache(
-                mine, target_cache.num_blocks, target_cache.block_size, self.model.dtype, self.model.device
+                mine,
+                target_cache.num_blocks,
+                target_cache.block_size,
+                self.model.dtype,
+                self.model.device,
+                target_cache.kernel,
             )
 
     def forget(self, seq_id: int) -> None:

@@ -1,9 +1,7 @@
 """A Llama-family decoder that runs packed, variable-length batches over a paged KV cache.
 
 One forward computes every scheduled token of every sequence: projections and MLPs run once over all
-packed tokens; attention reads each sequence's keys and values through its block table. Decode rows
-(one token each) are attended in one batched call; short chunks (a speculative verify) and prefill chunks
-one sequence at a time.
+packed tokens; attention reads each sequence's keys and values through its block table (engine/attention.py).
 """
 
 from __future__ import annotations
@@ -17,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from ftserve.engine.attention import AttentionPlan
 from ftserve.engine.batch import ForwardBatch
+from ftserve.engine.kernels import PagedAttention
 from ftserve.engine.qlinear import LINEAR_KEYS, DenseLinear, Linear, QuantFormatError, build_linear
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
-SMALL_DECODE_TOKENS = 2048  # decode batches up to this many context tokens in total take the one-shot path
-SHORT_CHUNK = 16  # chunks of up to this many tokens (speculative verifies) gather their KV by whole blocks
 
 
 class UnsupportedModelError(ValueError):
@@ -95,10 +93,20 @@ class KVCache:
     """Keys and values of every layer in flat slots (slot = block_id * block_size + offset).
 
     Layout [layer, kv_head, slot, head_dim]: gathering a row's blocks yields [kv_head, row, length, dim]
-    directly in the order the attention matmuls want, so no copy to re-layout K or V is needed.
+    directly in the order the attention matmuls want, so no copy to re-layout K or V is needed. With
+    ``kernel`` (engine/kernels.py), attention of decode rows and short chunks reads a float32 cache in place.
     """
 
-    def __init__(self, shape: ModelShape, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        shape: ModelShape,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        kernel: PagedAttention | None = None,
+    ):
+        self.kernel = kernel if dtype == torch.float32 and device.type == "cpu" else None
         slots = num_blocks * block_size
         size = (shape.num_layers, shape.num_kv_heads, slots, shape.head_dim)
         self.k = torch.zeros(size, dtype=dtype, device=device)
@@ -222,7 +230,8 @@ class NativeLlama:
         h = self.embed[batch.input_ids]
         cos = self.cos[batch.positions].unsqueeze(1)  # [T, 1, D]
         signed_sin = self.signed_sin[batch.positions].unsqueeze(1)
-        plan = _AttentionPlan(batch, cache.block_size, cache.num_blocks, self.device, s.num_heads // s.num_kv_heads)
+        group = s.num_heads // s.num_kv_heads
+        plan = AttentionPlan(batch, cache.block_size, cache.num_blocks, self.device, group, cache.kernel)
         q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         for i, layer in enumerate(self.layers[:num_layers]):
             x = rms_norm(h, layer.input_norm, s.rms_norm_eps)
@@ -254,138 +263,3 @@ class NativeLlama:
             h = h + out
         last = rms_norm(h[batch.logits_indices], self.final_norm, s.rms_norm_eps)
         return self.head(last).float()
-
-
-class _AttentionPlan:
-    """Index tensors for attention, built once per forward and shared by every layer."""
-
-    def __init__(
-        self, batch: ForwardBatch, block_size: int, num_blocks: int, device: torch.device, group: int = 1
-    ) -> None:
-        self.num_blocks = num_blocks
-        self.group = group  # query heads per KV head
-        self.query_lens = batch.query_lens
-        self.context_lens = batch.context_lens
-        starts = [0]
-        for n in batch.query_lens:
-            starts.append(starts[-1] + n)
-        self.starts = starts
-        offsets = torch.arange(block_size, device=device)
-        # Decode rows: all attended in one call over a padded [B_dec, L] slot matrix.
-        self.decode_rows = [b for b, n in enumerate(batch.query_lens) if n == 1]
-        self.prefill_rows = [b for b, n in enumerate(batch.query_lens) if n > 1]
-        self.decode_only = batch.decode_only
-        if self.decode_rows:
-            rows = torch.tensor(self.decode_rows, device=device)
-            lens = torch.tensor([batch.context_lens[b] for b in self.decode_rows], device=device)
-            nblocks = -(-int(lens.max()) // block_size)
-            self.decode_tables = batch.block_tables[rows, :nblocks]  # [B_dec, nblocks]
-            padded = nblocks * block_size
-            self.decode_mask = torch.arange(padded, device=device) >= lens.unsqueeze(1)  # True = padding
-            self.decode_token_index = torch.tensor([starts[b] for b in self.decode_rows], device=device)
-        self.prefill: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
-        self.short: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
-        for b in self.prefill_rows:
-            ctx, n = batch.context_lens[b], batch.query_lens[b]
-            nblocks = -(-ctx // block_size)
-            # Query j sits at absolute position ctx - n + j and sees keys up to and including itself.
-            qpos = torch.arange(ctx - n, ctx, device=device).unsqueeze(1)
-            mask = torch.arange(ctx, device=device).unsqueeze(0) <= qpos
-            if n <= SHORT_CHUNK:
-                bias = torch.zeros(mask.shape, device=device).masked_fill_(~mask, float("-inf"))
-                self.short.append((starts[b], n, batch.block_tables[b, :nblocks], bias.repeat_interleave(group, 0)))
-                continue
-            slots = (batch.block_tables[b, :nblocks].unsqueeze(-1) * block_size + offsets).reshape(-1)[:ctx]
-            self.prefill.append((starts[b], n, slots, mask))
-
-    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        """q [T, H, D] → attention output [T, H, D] for every packed token."""
-        if self.decode_only:
-            return self._decode(q, k_cache, v_cache)
-        out = torch.empty_like(q)
-        if self.decode_rows:
-            out[self.decode_token_index] = self._decode(q[self.decode_token_index], k_cache, v_cache)
-        for start, n, blocks, bias in self.short:
-            out[start : start + n] = self._short(q[start : start + n], k_cache, v_cache, blocks, bias)
-        for start, n, slots, mask in self.prefill:
-            qp = q[start : start + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-            kp = k_cache[:, slots].unsqueeze(0)  # [1, KVH, ctx, D]
-            vp = v_cache[:, slots].unsqueeze(0)
-            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=True)
-            out[start : start + n] = op.squeeze(0).transpose(0, 1)
-        return out
-
-    def _short(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor
-    ) -> torch.Tensor:
-        """A few queries at the end of one sequence (a speculative verify): q [n, H, D] → [n, H, D].
-
-        Keys and values are gathered by whole blocks (as for decode rows) and the query heads sharing a KV head
-        are stacked, so attention is two batched matmuls with the causal mask as an additive bias. Measured here
-        for 5 queries over 300 tokens: 15.7 instead of 28.7 µs for the gather (slot by slot), 95 instead of
-        112 µs for the attention (masked SDPA); computed in float32 on CPU, as ``_decode_small``.
-        """
-        n, heads, dim = q.shape
-        kv_heads, group = k_cache.shape[0], self.group
-        ctx = bias.shape[1]
-        compute = torch.float32 if q.device.type == "cpu" else q.dtype
-        k = k_cache.view(kv_heads, self.num_blocks, -1).index_select(1, blocks).view(kv_heads, -1, dim)[:, :ctx]
-        v = v_cache.view(kv_heads, self.num_blocks, -1).index_select(1, blocks).view(kv_heads, -1, dim)[:, :ctx]
-        qg = q.view(n, kv_heads, group, dim).transpose(0, 1).reshape(kv_heads, n * group, dim)  # rows (query, head)
-        scores = torch.baddbmm(bias.to(compute), qg.to(compute), k.transpose(1, 2).to(compute), alpha=dim**-0.5)
-        probs = torch.softmax(scores.float(), dim=-1).to(compute)
-        out = torch.bmm(probs, v.to(compute)).view(kv_heads, n, group, dim).transpose(0, 1)
-        return out.reshape(n, heads, dim).to(q.dtype)
-
-    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        """One query per row over its paged context: q [B, H, D] → [B, H, D].
-
-        Per KV head, each row's keys and values are gathered block by block (whole contiguous blocks along
-        the first dimension: far cheaper than slot by slot or along an inner dimension), then attention is two
-        batched matmuls for the group of query heads sharing that KV head (grouped-query attention without
-        repeating K/V). Measured here at batch 32 x 1,100 tokens: 3.4x faster than masked CPU SDPA.
-        """
-        rows, heads, dim = q.shape
-        kv_heads, slots = k_cache.shape[0], k_cache.shape[1]
-        block_size = slots // self.num_blocks
-        tables = self.decode_tables
-        length = tables.shape[1] * block_size
-        group = heads // kv_heads
-        if rows * length <= SMALL_DECODE_TOKENS:
-            return self._decode_small(q, k_cache, v_cache)
-        qg = q.view(rows, kv_heads, group, dim)  # query heads grouped by the KV head they share
-        out = torch.empty_like(qg)
-        for h in range(kv_heads):  # per KV head, the gather is along the first dim: whole blocks at a time
-            k = k_cache[h].view(self.num_blocks, block_size, dim)[tables].view(rows, length, dim)
-            v = v_cache[h].view(self.num_blocks, block_size, dim)[tables].view(rows, length, dim)
-            scores = torch.bmm(qg[:, h], k.transpose(1, 2)).float() * dim**-0.5  # [B, G, L]
-            scores.masked_fill_(self.decode_mask[:, None, :], float("-inf"))
-            out[:, h] = torch.bmm(torch.softmax(scores, dim=-1).to(q.dtype), v)
-        return out.view(rows, heads, dim)
-
-    def _decode_small(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        """Few rows over short contexts: one gather of every row's blocks and one attention call.
-
-        On CPU it computes in float32: matmuls this small cost 3-6x more in bf16 than in float32 on CPUs
-        without native bf16 (batch 1, 160 tokens: 99 vs 192 µs a layer), and float32 is the reference anyway.
-        """
-        rows, _, dim = q.shape
-        kv_heads = k_cache.shape[0]
-        compute = torch.float32 if q.device.type == "cpu" else q.dtype
-        blocks = self.decode_tables.reshape(-1)
-        k = k_cache.view(kv_heads, self.num_blocks, -1).index_select(1, blocks).view(kv_heads, rows, -1, dim)
-        v = v_cache.view(kv_heads, self.num_blocks, -1).index_select(1, blocks).view(kv_heads, rows, -1, dim)
-        mask = None
-        if rows == 1:  # one row: cut the padding off instead of masking it
-            length = self.context_lens[self.decode_rows[0]]
-            k, v = k[:, :, :length], v[:, :, :length]
-        else:
-            mask = ~self.decode_mask[:, None, None, :]  # [B, 1, 1, L], True = attend
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(2).to(compute),  # [B, H, 1, D]
-            k.transpose(0, 1).to(compute),  # [B, KVH, L, D]
-            v.transpose(0, 1).to(compute),
-            attn_mask=mask,
-            enable_gqa=True,
-        )
-        return out.squeeze(2).to(q.dtype)

@@ -16,6 +16,7 @@ from ftserve.engine.base import LoopEngine, RequestState, Results
 from ftserve.engine.batch import SchedulerOutput
 from ftserve.engine.block_manager import BlockManager
 from ftserve.engine.draft_model import DraftModel, load_draft
+from ftserve.engine.kernels import paged_attention_kernel
 from ftserve.engine.loader import HFTokenizer, eos_token_ids, prepare_runtime
 from ftserve.engine.lora import AdapterError, LoraAdapter, LoraManager, load_peft_adapter
 from ftserve.engine.model import KVCache, NativeLlama
@@ -46,7 +47,8 @@ class NativeEngine(LoopEngine):
         capacity = config.kv_cache_tokens or config.max_num_seqs * max_len
         num_blocks = max(-(-capacity // config.block_size), -(-max_len // config.block_size))
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.cache = KVCache(model.shape, num_blocks, config.block_size, model.dtype, model.device)
+        kernel = paged_attention_kernel(config.attention_kernel, model.device)
+        self.cache = KVCache(model.shape, num_blocks, config.block_size, model.dtype, model.device, kernel)
         if draft is not None:
             draft.bind(self.cache, model.shape)
         self.speculator = Speculator(config.speculative, max_len, draft, model.matmul_rows)

@@ -1,0 +1,109 @@
+// Attention of single queries over a paged KV cache, reading keys and values where they lie (CPU, float32).
+//
+// The torch path gathers every row's blocks into a fresh [rows, length, dim] tensor per KV head and layer,
+// then reads that copy again in two matmuls. At 16 decode rows of ~500 tokens that is 377 MB written and
+// read twice per forward of SmolLM2-135M, a third of the step. Here each (query, KV head) pair walks its
+// block table, so the cache is read once and nothing is copied. Loaded by engine/kernels.py (JIT, cached).
+//
+// Each query token t attends to the first lens[t] positions of block-table row rows[t]: a decode row sees its
+// whole context, query j of a speculative verify of n tokens over ctx sees ctx - n + j + 1 of them.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+namespace {
+
+void check(bool ok, const char* what) { TORCH_CHECK(ok, "ftserve::paged_attention: ", what); }
+
+}  // namespace
+
+// q [T, H, D]; k_cache, v_cache [KVH, slots, D] (one layer); tables [R, nblocks]; rows, lens [T].
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& tables, const at::Tensor& rows, const at::Tensor& lens,
+                           int64_t block_size, double scale) {
+  check(q.dim() == 3 && k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(), "bad q / cache shapes");
+  check(q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat,
+        "q and the cache must be float32");
+  check(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() && tables.is_contiguous() &&
+            rows.is_contiguous() && lens.is_contiguous(),
+        "inputs must be contiguous");
+  check(tables.scalar_type() == at::kLong && rows.scalar_type() == at::kLong && lens.scalar_type() == at::kLong,
+        "tables, rows and lens must be int64");
+  const int64_t num_tokens = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t kv_heads = k_cache.size(0), slots = k_cache.size(1), nblocks = tables.size(1);
+  check(k_cache.size(2) == dim && heads % kv_heads == 0, "head layout differs from the cache's");
+  check(rows.numel() == num_tokens && lens.numel() == num_tokens, "rows and lens need one entry per query");
+  const int64_t group = heads / kv_heads;
+  const int64_t* row_of = rows.data_ptr<int64_t>();
+  const int64_t* len_of = lens.data_ptr<int64_t>();
+  int64_t longest = 1;
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    check(row_of[t] >= 0 && row_of[t] < tables.size(0), "row out of range");
+    check(len_of[t] >= 1 && len_of[t] <= nblocks * block_size, "length out of range");
+    longest = std::max(longest, len_of[t]);
+  }
+  const int64_t* table = tables.data_ptr<int64_t>();
+  for (int64_t i = 0; i < tables.numel(); ++i) check(table[i] >= 0 && table[i] * block_size < slots, "block id out of range");
+
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  at::Tensor out = at::zeros_like(q);
+  float* op = out.data_ptr<float>();
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  // Scores of the query heads sharing a KV head, [T, KVH, G, longest]; softmax runs in ATen between the passes.
+  at::Tensor scores = at::full({num_tokens, kv_heads, group, longest}, neg_inf, q.options());
+  float* sp = scores.data_ptr<float>();
+  const float s = static_cast<float>(scale);
+
+  at::parallel_for(0, num_tokens * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = item / kv_heads, h = item % kv_heads, len = len_of[t];
+      const int64_t* blocks = table + row_of[t] * nblocks;
+      const float* qh = qp + (t * heads + h * group) * dim;
+      float* sh = sp + item * group * longest;
+      for (int64_t pos = 0; pos < len; ++pos) {
+        const float* key = kp + (h * slots + blocks[pos / block_size] * block_size + pos % block_size) * dim;
+        for (int64_t g = 0; g < group; ++g) {
+          const float* qg = qh + g * dim;
+          float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t d = 0; d < dim; ++d) acc += qg[d] * key[d];
+          sh[g * longest + pos] = acc * s;
+        }
+      }
+    }
+  });
+  scores = scores.softmax(-1);  // positions past a query's length hold -inf: probability 0
+  sp = scores.data_ptr<float>();
+  at::parallel_for(0, num_tokens * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = item / kv_heads, h = item % kv_heads, len = len_of[t];
+      const int64_t* blocks = table + row_of[t] * nblocks;
+      const float* ph = sp + item * group * longest;
+      float* oh = op + (t * heads + h * group) * dim;
+      for (int64_t pos = 0; pos < len; ++pos) {
+        const float* value = vp + (h * slots + blocks[pos / block_size] * block_size + pos % block_size) * dim;
+        for (int64_t g = 0; g < group; ++g) {
+          const float p = ph[g * longest + pos];
+          float* og = oh + g * dim;
+#pragma omp simd
+          for (int64_t d = 0; d < dim; ++d) og[d] += p * value[d];
+        }
+      }
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY(ftserve, m) {
+  m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor tables, Tensor rows, Tensor lens, "
+        "int block_size, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ftserve, CPU, m) { m.impl("paged_attention", paged_attention); }
