@@ -159,7 +159,7 @@ class EngineConfig(_Strict):
     enable_prefix_caching: bool = Field(True, description="Reuse the KV of shared prompt prefixes.")
     attention_kernel: Literal["auto", "torch"] = Field(
         "auto",
-        description="Decode attention on CPU with a float32 cache: auto = the compiled paged-attention kernel "
+        description="Decode attention on CPU (float32 or bfloat16 cache): auto = the compiled paged-attention kernel "
         "(built on first start, cached; torch's path with a logged reason if it cannot be built), torch = "
         "gather each row's KV blocks and attend with torch matmuls.",
     )

@@ -64,6 +64,7 @@ def test_paged_decode_attention_matches_dense_attention(
         ("short-chunk", torch.float32),
         ("short-chunk", torch.bfloat16),
         ("kernel", torch.float32),
+        ("kernel", torch.bfloat16),
         ("kernel-beside-sdpa", torch.float32),  # the chunk through SDPA, the decode row through the kernel
     ],
 )
@@ -71,7 +72,7 @@ def test_a_short_chunk_attends_causally_over_its_paged_context(
     path: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A verify chunk (queries at the end of a sequence) next to a decode row: each query sees the keys up to
-    its own position, through scattered blocks, on each code path (the kernel takes float32 caches only)."""
+    its own position, through scattered blocks, on each code path."""
     monkeypatch.setattr(attention_mod, "SHORT_CHUNK", 0 if path in ("masked-sdpa", "kernel-beside-sdpa") else 16)
     gen = torch.Generator().manual_seed(1)
     kv_heads, heads, dim, block_size, num_blocks = 3, 9, 16, 4, 20

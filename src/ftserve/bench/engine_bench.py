@@ -214,6 +214,17 @@ class NativeRunner(Runner):
         self.engine = self.engine_config = None
 
 
+class TorchAttentionRunner(NativeRunner):
+    """The native engine with ``attention_kernel: torch`` (KV gathered, then torch matmuls) beside ``native``
+    (the compiled paged-attention kernel on CPU): what the kernel gains, in the same run."""
+
+    name = "native-torch-attention"
+
+    def __init__(self, config: EngineBenchConfig, model_dir: Path, adapters: AdapterFolders) -> None:
+        super().__init__(config, model_dir, adapters)
+        self.settings = {**self.settings, "attention_kernel": "torch"}
+
+
 class VllmBackendRunner(NativeRunner):
     """The same service-side ``Engine`` protocol on ``engine.backend: vllm`` (vLLM's async engine in this
     process; run the bench from an environment with vLLM, e.g. ``.venv-vllm/bin/ftserve``), beside ``native``."""
@@ -381,6 +392,7 @@ class VllmCpuRunner(Runner):
 
 RUNNERS: dict[str, type[Runner]] = {
     "native": NativeRunner,
+    "native-torch-attention": TorchAttentionRunner,
     "hf-generate": HFGenerateRunner,
     "vllm-cpu": VllmCpuRunner,
     "vllm-backend": VllmBackendRunner,

@@ -2,7 +2,7 @@
 
 Decode rows (one query each) are attended in one batched call; short chunks (a speculative verify) one
 sequence at a time with two matmuls; prefill chunks with masked SDPA. With the compiled kernel
-(engine/kernels.py: CPU, float32 cache) decode rows and short chunks go through it in one call per layer,
+(engine/kernels.py: CPU, float32 or bfloat16 cache) decode rows and short chunks go through it in one call per layer,
 which reads keys and values where they lie instead of gathering a copy.
 """
 
@@ -191,7 +191,7 @@ class KernelQueries:
         rows: list[int] = []
         lens: list[int] = []
         for b, (n, ctx) in enumerate(zip(batch.query_lens, batch.context_lens, strict=True)):
-            if n <= SHORT_CHUNK:  # query j of n sits at position ctx - n + j
+            if n == 1 or n <= SHORT_CHUNK:  # a decode row or a short chunk; query j of n sits at ctx - n + j
                 tokens.extend(range(starts[b], starts[b] + n))
                 rows.extend([b] * n)
                 lens.extend(range(ctx - n + 1, ctx + 1))

@@ -26,7 +26,10 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("paged_attention.cpp")
-CFLAGS = ["-O3", "-march=native", "-fopenmp-simd"]  # omp simd: the dot products vectorize without fast-math
+# -fopenmp: at::parallel_for is inline OpenMP, serial without it; the extension then needs libgomp.so.1, which
+# resolves to the copy torch already loaded (one thread pool). omp simd vectorizes the dots without fast-math.
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 
 
 class PagedAttention(Protocol):
@@ -54,6 +57,11 @@ def paged_attention_kernel(choice: str, device: torch.device) -> PagedAttention 
 
 @functools.cache
 def _build() -> PagedAttention | None:
+    """Once per process: a second extension registering the same operators would abort."""
+    return _compile()
+
+
+def _compile() -> PagedAttention | None:
     try:
         import ninja  # the builder runs the ninja binary this package ships, which need not be on PATH
         from torch.utils.cpp_extension import load
@@ -64,6 +72,7 @@ def _build() -> PagedAttention | None:
             name=f"ftserve_paged_attention_{_cpu_key()}",
             sources=[str(SOURCE)],
             extra_cflags=CFLAGS,
+            extra_ldflags=LDFLAGS,
             is_python_module=False,
             verbose=False,
         )

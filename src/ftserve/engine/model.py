@@ -94,7 +94,7 @@ class KVCache:
 
     Layout [layer, kv_head, slot, head_dim]: gathering a row's blocks yields [kv_head, row, length, dim]
     directly in the order the attention matmuls want, so no copy to re-layout K or V is needed. With
-    ``kernel`` (engine/kernels.py), attention of decode rows and short chunks reads a float32 cache in place.
+    ``kernel`` (engine/kernels.py), attention of decode rows and short chunks reads the cache in place.
     """
 
     def __init__(
@@ -106,7 +106,7 @@ class KVCache:
         device: torch.device,
         kernel: PagedAttention | None = None,
     ):
-        self.kernel = kernel if dtype == torch.float32 and device.type == "cpu" else None
+        self.kernel = kernel if dtype in (torch.float32, torch.bfloat16) and device.type == "cpu" else None
         slots = num_blocks * block_size
         size = (shape.num_layers, shape.num_kv_heads, slots, shape.head_dim)
         self.k = torch.zeros(size, dtype=dtype, device=device)

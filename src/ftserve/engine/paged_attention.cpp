@@ -1,9 +1,10 @@
-// Attention of single queries over a paged KV cache, reading keys and values where they lie (CPU, float32).
+// Attention of single queries over a paged KV cache, reading keys and values where they lie (CPU; a float32
+// or bfloat16 cache, computed in float32).
 //
 // The torch path gathers every row's blocks into a fresh [rows, length, dim] tensor per KV head and layer,
-// then reads that copy again in two matmuls. At 16 decode rows of ~500 tokens that is 377 MB written and
-// read twice per forward of SmolLM2-135M, a third of the step. Here each (query, KV head) pair walks its
-// block table, so the cache is read once and nothing is copied. Loaded by engine/kernels.py (JIT, cached).
+// then reads that copy again in two matmuls. At 16 decode rows of ~500 tokens that is 377 MB (float32)
+// written and read twice per forward of SmolLM2-135M, a third of the step. Here each (query, KV head) pair
+// walks its block table, so the cache is read once and nothing is copied. Loaded by engine/kernels.py.
 //
 // Each query token t attends to the first lens[t] positions of block-table row rows[t]: a decode row sees its
 // whole context, query j of a speculative verify of n tokens over ctx sees ctx - n + j + 1 of them.
@@ -14,21 +15,98 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
+#include <vector>
 
 namespace {
 
 void check(bool ok, const char* what) { TORCH_CHECK(ok, "ftserve::paged_attention: ", what); }
 
+// bfloat16 is the top half of a float32: a shift the compiler vectorizes (c10's conversion operator it did not).
+inline float as_float(float x) { return x; }
+inline float as_float(at::BFloat16 x) {
+  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
 }  // namespace
 
-// q [T, H, D]; k_cache, v_cache [KVH, slots, D] (one layer); tables [R, nblocks]; rows, lens [T].
+// Scores of one (query, KV head) for every position it sees, then (after the softmax) its weighted values.
+template <typename T>
+void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const int64_t* table,
+            int64_t nblocks, const int64_t* row_of, const int64_t* len_of, int64_t block_size, float scale,
+            at::Tensor& scores, at::Tensor& acc) {
+  const int64_t num_tokens = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t kv_heads = k_cache.size(0), slots = k_cache.size(1), group = heads / kv_heads;
+  const int64_t longest = scores.size(3);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k_cache.data_ptr<T>();
+  const T* vp = v_cache.data_ptr<T>();
+  float* sp = scores.data_ptr<float>();
+  at::parallel_for(0, num_tokens * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(group * dim);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = item / kv_heads, h = item % kv_heads, len = len_of[t];
+      const int64_t* blocks = table + row_of[t] * nblocks;
+      const T* qh = qp + (t * heads + h * group) * dim;
+      for (int64_t i = 0; i < group * dim; ++i) qf[i] = as_float(qh[i]);
+      float* sh = sp + item * group * longest;
+      for (int64_t first = 0; first < len; first += block_size) {  // block by block: no division per position
+        const T* keys = kp + (h * slots + blocks[first / block_size] * block_size) * dim;
+        const int64_t n = std::min(block_size, len - first);
+        for (int64_t i = 0; i < n; ++i) {
+          const T* key = keys + i * dim;
+          for (int64_t g = 0; g < group; ++g) {
+            const float* qg = qf.data() + g * dim;
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t d = 0; d < dim; ++d) dot += qg[d] * as_float(key[d]);
+            sh[g * longest + first + i] = dot * scale;
+          }
+        }
+      }
+    }
+  });
+  scores = scores.softmax(-1);  // positions past a query's length hold -inf: probability 0
+  sp = scores.data_ptr<float>();
+  float* ap = acc.data_ptr<float>();
+  at::parallel_for(0, num_tokens * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = item / kv_heads, h = item % kv_heads, len = len_of[t];
+      const int64_t* blocks = table + row_of[t] * nblocks;
+      const float* ph = sp + item * group * longest;
+      float* oh = ap + (t * heads + h * group) * dim;
+      for (int64_t first = 0; first < len; first += block_size) {
+        const T* values = vp + (h * slots + blocks[first / block_size] * block_size) * dim;
+        const int64_t n = std::min(block_size, len - first);
+        for (int64_t i = 0; i < n; ++i) {
+          const T* value = values + i * dim;
+          for (int64_t g = 0; g < group; ++g) {
+            const float p = ph[g * longest + first + i];
+            float* og = oh + g * dim;
+#pragma omp simd
+            for (int64_t d = 0; d < dim; ++d) og[d] += p * as_float(value[d]);
+          }
+        }
+      }
+    }
+  });
+}
+
+// q [T, H, D]; k_cache, v_cache [KVH, slots, D] (one layer), all of one dtype; tables [R, nblocks]; rows,
+// lens [T]. Returns [T, H, D] in q's dtype.
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& tables, const at::Tensor& rows, const at::Tensor& lens,
                            int64_t block_size, double scale) {
   check(q.dim() == 3 && k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(), "bad q / cache shapes");
-  check(q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat,
-        "q and the cache must be float32");
+  const auto dtype = q.scalar_type();
+  check((dtype == at::kFloat || dtype == at::kBFloat16) && k_cache.scalar_type() == dtype &&
+            v_cache.scalar_type() == dtype,
+        "q and the cache must be float32 or bfloat16, the same");
   check(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() && tables.is_contiguous() &&
             rows.is_contiguous() && lens.is_contiguous(),
         "inputs must be contiguous");
@@ -38,7 +116,6 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   const int64_t kv_heads = k_cache.size(0), slots = k_cache.size(1), nblocks = tables.size(1);
   check(k_cache.size(2) == dim && heads % kv_heads == 0, "head layout differs from the cache's");
   check(rows.numel() == num_tokens && lens.numel() == num_tokens, "rows and lens need one entry per query");
-  const int64_t group = heads / kv_heads;
   const int64_t* row_of = rows.data_ptr<int64_t>();
   const int64_t* len_of = lens.data_ptr<int64_t>();
   int64_t longest = 1;
@@ -50,55 +127,18 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   const int64_t* table = tables.data_ptr<int64_t>();
   for (int64_t i = 0; i < tables.numel(); ++i) check(table[i] >= 0 && table[i] * block_size < slots, "block id out of range");
 
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
-  at::Tensor out = at::zeros_like(q);
-  float* op = out.data_ptr<float>();
-  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const auto f32 = q.options().dtype(at::kFloat);
   // Scores of the query heads sharing a KV head, [T, KVH, G, longest]; softmax runs in ATen between the passes.
-  at::Tensor scores = at::full({num_tokens, kv_heads, group, longest}, neg_inf, q.options());
-  float* sp = scores.data_ptr<float>();
+  at::Tensor scores = at::full({num_tokens, kv_heads, heads / kv_heads, longest},
+                               -std::numeric_limits<float>::infinity(), f32);
+  at::Tensor acc = at::zeros({num_tokens, heads, dim}, f32);
   const float s = static_cast<float>(scale);
-
-  at::parallel_for(0, num_tokens * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t t = item / kv_heads, h = item % kv_heads, len = len_of[t];
-      const int64_t* blocks = table + row_of[t] * nblocks;
-      const float* qh = qp + (t * heads + h * group) * dim;
-      float* sh = sp + item * group * longest;
-      for (int64_t pos = 0; pos < len; ++pos) {
-        const float* key = kp + (h * slots + blocks[pos / block_size] * block_size + pos % block_size) * dim;
-        for (int64_t g = 0; g < group; ++g) {
-          const float* qg = qh + g * dim;
-          float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t d = 0; d < dim; ++d) acc += qg[d] * key[d];
-          sh[g * longest + pos] = acc * s;
-        }
-      }
-    }
-  });
-  scores = scores.softmax(-1);  // positions past a query's length hold -inf: probability 0
-  sp = scores.data_ptr<float>();
-  at::parallel_for(0, num_tokens * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t t = item / kv_heads, h = item % kv_heads, len = len_of[t];
-      const int64_t* blocks = table + row_of[t] * nblocks;
-      const float* ph = sp + item * group * longest;
-      float* oh = op + (t * heads + h * group) * dim;
-      for (int64_t pos = 0; pos < len; ++pos) {
-        const float* value = vp + (h * slots + blocks[pos / block_size] * block_size + pos % block_size) * dim;
-        for (int64_t g = 0; g < group; ++g) {
-          const float p = ph[g * longest + pos];
-          float* og = oh + g * dim;
-#pragma omp simd
-          for (int64_t d = 0; d < dim; ++d) og[d] += p * value[d];
-        }
-      }
-    }
-  });
-  return out;
+  if (dtype == at::kFloat) {
+    attend<float>(q, k_cache, v_cache, table, nblocks, row_of, len_of, block_size, s, scores, acc);
+    return acc;
+  }
+  attend<at::BFloat16>(q, k_cache, v_cache, table, nblocks, row_of, len_of, block_size, s, scores, acc);
+  return acc.to(dtype);
 }
 
 TORCH_LIBRARY(ftserve, m) {
