@@ -27,6 +27,7 @@ def test_bentoml_build_offline_packs_the_service(tmp_path: Path) -> None:
     assert info["service"] == "ftserve.service.bento:FTServe"
     assert {"name": "PYTHONPATH", "value": "src", "stage": "all"} in info["envs"]
     assert (bento / "src" / "src" / "ftserve" / "service" / "bento.py").is_file()
+    assert (bento / "src" / "src" / "ftserve" / "engine" / "paged_attention.cpp").is_file()  # built at start
     assert (bento / "src" / "bentos" / "default.yaml").is_file()
     for shipped in ("support-router", "order-extract", "support-router-dpo"):
         assert (bento / "src" / "adapters" / shipped / "adapter_model.safetensors").is_file()
