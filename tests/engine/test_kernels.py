@@ -45,3 +45,21 @@ def test_the_kernel_refuses_block_ids_and_lengths_outside_the_cache() -> None:
         kernel(q, k, v, good_table, one, torch.tensor([9]), 4, 0.25)
     with pytest.raises(RuntimeError, match="row out of range"):
         kernel(q, k, v, good_table, torch.ones(1, dtype=torch.long), torch.tensor([8]), 4, 0.25)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_query_gets_the_same_bits_alone_or_beside_longer_ones(dtype: torch.dtype) -> None:
+    """What a query computes depends on that query alone: a token attends alike in a decode step and in a
+    speculative verify beside other sequences (greedy speculation relies on it)."""
+    kernel = paged_attention_kernel("auto", CPU)
+    assert kernel is not None
+    gen = torch.Generator().manual_seed(3)
+    k = torch.randn(3, 40 * 4, 16, generator=gen).to(dtype)
+    v = torch.randn(3, 40 * 4, 16, generator=gen).to(dtype)
+    q = torch.randn(3, 9, 16, generator=gen).to(dtype)
+    tables = torch.tensor([[5, 9, 2, 0, 0, 0, 0, 0, 0, 0], [11, 3, 17, 30, 31, 32, 33, 34, 35, 36]])
+    rows, lens = torch.tensor([0, 1, 1]), torch.tensor([10, 37, 38])
+    together = kernel(q, k, v, tables, rows, lens, 4, 0.25)
+    for t in range(3):
+        alone = kernel(q[t : t + 1].contiguous(), k, v, tables, rows[t : t + 1], lens[t : t + 1], 4, 0.25)
+        assert torch.equal(alone[0], together[t])

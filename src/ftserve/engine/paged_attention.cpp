@@ -7,7 +7,8 @@
 // walks its block table, so the cache is read once and nothing is copied. Loaded by engine/kernels.py.
 //
 // Each query token t attends to the first lens[t] positions of block-table row rows[t]: a decode row sees its
-// whole context, query j of a speculative verify of n tokens over ctx sees ctx - n + j + 1 of them.
+// whole context, query j of a speculative verify of n tokens over ctx sees ctx - n + j + 1 of them. The
+// softmax runs here too, per query over exactly those positions (see attend_one).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -17,7 +18,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <vector>
 
 namespace {
@@ -35,64 +35,99 @@ inline float as_float(at::BFloat16 x) {
 
 }  // namespace
 
-// Scores of one (query, KV head) for every position it sees, then (after the softmax) its weighted values.
+// exp(x) for x <= 0 (a score minus its row's maximum), as Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2
+// (ln2 split in two for precision), exp(r) by a degree-7 polynomial, times 2^n built in the exponent bits.
+// About 1 ulp; plain arithmetic, so `omp simd` vectorizes it (glibc's vector expf needs -ffast-math).
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);  // exp(-87) = 1.6e-38, the smallest normal float's neighbourhood; below counts as 0
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// One (query, KV head) pair: scores of its query heads for every position the query sees, their softmax, the
+// weighted sum of values. Everything a query computes depends on that query alone (never on which other
+// queries share the call, nor on their lengths), so a token's attention is the same in a decode step and in
+// a speculative verify: greedy speculation stays exact wherever the rest of the forward is row-invariant.
+template <typename T>
+void attend_one(const float* q, const T* k, const T* v, const int64_t* blocks, int64_t len, int64_t block_size,
+                int64_t group, int64_t dim, float scale, float* scores, float* out) {
+  for (int64_t first = 0; first < len; first += block_size) {  // block by block: no division per position
+    const T* keys = k + blocks[first / block_size] * block_size * dim;
+    const int64_t n = std::min(block_size, len - first);
+    for (int64_t i = 0; i < n; ++i) {
+      const T* key = keys + i * dim;
+      for (int64_t g = 0; g < group; ++g) {
+        const float* qg = q + g * dim;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < dim; ++d) dot += qg[d] * as_float(key[d]);
+        scores[g * len + first + i] = dot * scale;
+      }
+    }
+  }
+  std::vector<float> total(group);
+  for (int64_t g = 0; g < group; ++g) {
+    float* sg = scores + g * len;
+    float top = sg[0];
+#pragma omp simd reduction(max : top)
+    for (int64_t i = 0; i < len; ++i) top = std::max(top, sg[i]);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < len; ++i) {
+      sg[i] = exp_nonpositive(sg[i] - top);
+      sum += sg[i];
+    }
+    total[g] = sum;
+  }
+  std::fill(out, out + group * dim, 0.f);
+  for (int64_t first = 0; first < len; first += block_size) {
+    const T* values = v + blocks[first / block_size] * block_size * dim;
+    const int64_t n = std::min(block_size, len - first);
+    for (int64_t i = 0; i < n; ++i) {
+      const T* value = values + i * dim;
+      for (int64_t g = 0; g < group; ++g) {
+        const float p = scores[g * len + first + i];
+        float* og = out + g * dim;
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) og[d] += p * as_float(value[d]);
+      }
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    const float inverse = 1.0f / total[g];
+    for (int64_t d = 0; d < dim; ++d) out[g * dim + d] *= inverse;
+  }
+}
+
 template <typename T>
 void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const int64_t* table,
-            int64_t nblocks, const int64_t* row_of, const int64_t* len_of, int64_t block_size, float scale,
-            at::Tensor& scores, at::Tensor& acc) {
+            int64_t nblocks, const int64_t* row_of, const int64_t* len_of, int64_t longest, int64_t block_size,
+            float scale, at::Tensor& acc) {
   const int64_t num_tokens = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t kv_heads = k_cache.size(0), slots = k_cache.size(1), group = heads / kv_heads;
-  const int64_t longest = scores.size(3);
   const T* qp = q.data_ptr<T>();
   const T* kp = k_cache.data_ptr<T>();
   const T* vp = v_cache.data_ptr<T>();
-  float* sp = scores.data_ptr<float>();
-  at::parallel_for(0, num_tokens * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * dim);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t t = item / kv_heads, h = item % kv_heads, len = len_of[t];
-      const int64_t* blocks = table + row_of[t] * nblocks;
-      const T* qh = qp + (t * heads + h * group) * dim;
-      for (int64_t i = 0; i < group * dim; ++i) qf[i] = as_float(qh[i]);
-      float* sh = sp + item * group * longest;
-      for (int64_t first = 0; first < len; first += block_size) {  // block by block: no division per position
-        const T* keys = kp + (h * slots + blocks[first / block_size] * block_size) * dim;
-        const int64_t n = std::min(block_size, len - first);
-        for (int64_t i = 0; i < n; ++i) {
-          const T* key = keys + i * dim;
-          for (int64_t g = 0; g < group; ++g) {
-            const float* qg = qf.data() + g * dim;
-            float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t d = 0; d < dim; ++d) dot += qg[d] * as_float(key[d]);
-            sh[g * longest + first + i] = dot * scale;
-          }
-        }
-      }
-    }
-  });
-  scores = scores.softmax(-1);  // positions past a query's length hold -inf: probability 0
-  sp = scores.data_ptr<float>();
   float* ap = acc.data_ptr<float>();
   at::parallel_for(0, num_tokens * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(group * dim), scores(group * longest);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t t = item / kv_heads, h = item % kv_heads, len = len_of[t];
-      const int64_t* blocks = table + row_of[t] * nblocks;
-      const float* ph = sp + item * group * longest;
-      float* oh = ap + (t * heads + h * group) * dim;
-      for (int64_t first = 0; first < len; first += block_size) {
-        const T* values = vp + (h * slots + blocks[first / block_size] * block_size) * dim;
-        const int64_t n = std::min(block_size, len - first);
-        for (int64_t i = 0; i < n; ++i) {
-          const T* value = values + i * dim;
-          for (int64_t g = 0; g < group; ++g) {
-            const float p = ph[g * longest + first + i];
-            float* og = oh + g * dim;
-#pragma omp simd
-            for (int64_t d = 0; d < dim; ++d) og[d] += p * as_float(value[d]);
-          }
-        }
-      }
+      const int64_t t = item / kv_heads, h = item % kv_heads;
+      const T* qh = qp + (t * heads + h * group) * dim;
+      for (int64_t i = 0; i < group * dim; ++i) qf[i] = as_float(qh[i]);
+      attend_one<T>(qf.data(), kp + h * slots * dim, vp + h * slots * dim, table + row_of[t] * nblocks, len_of[t],
+                    block_size, group, dim, scale, scores.data(), ap + (t * heads + h * group) * dim);
     }
   });
 }
@@ -127,17 +162,13 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   const int64_t* table = tables.data_ptr<int64_t>();
   for (int64_t i = 0; i < tables.numel(); ++i) check(table[i] >= 0 && table[i] * block_size < slots, "block id out of range");
 
-  const auto f32 = q.options().dtype(at::kFloat);
-  // Scores of the query heads sharing a KV head, [T, KVH, G, longest]; softmax runs in ATen between the passes.
-  at::Tensor scores = at::full({num_tokens, kv_heads, heads / kv_heads, longest},
-                               -std::numeric_limits<float>::infinity(), f32);
-  at::Tensor acc = at::zeros({num_tokens, heads, dim}, f32);
+  at::Tensor acc = at::empty({num_tokens, heads, dim}, q.options().dtype(at::kFloat));
   const float s = static_cast<float>(scale);
   if (dtype == at::kFloat) {
-    attend<float>(q, k_cache, v_cache, table, nblocks, row_of, len_of, block_size, s, scores, acc);
+    attend<float>(q, k_cache, v_cache, table, nblocks, row_of, len_of, longest, block_size, s, acc);
     return acc;
   }
-  attend<at::BFloat16>(q, k_cache, v_cache, table, nblocks, row_of, len_of, block_size, s, scores, acc);
+  attend<at::BFloat16>(q, k_cache, v_cache, table, nblocks, row_of, len_of, longest, block_size, s, acc);
   return acc.to(dtype);
 }
 
