@@ -47,9 +47,10 @@ class AttentionPlan:
         self.decode_only = batch.decode_only
         self.kernel_queries: KernelQueries | None = None
         if kernel is not None:  # decode rows and short chunks: one kernel call per layer, reading KV in place
-            self.kernel_queries = KernelQueries.of(kernel, batch, starts, block_size, device)
+            near = [b for b, n in enumerate(batch.query_lens) if n == 1 or n <= SHORT_CHUNK]
+            self.kernel_queries = KernelQueries.of(kernel, batch, near, starts, block_size, device)
             self.decode_rows = []
-            self.prefill_rows = [b for b in self.prefill_rows if batch.query_lens[b] > SHORT_CHUNK]
+            self.prefill_rows = [b for b in self.prefill_rows if b not in near]
         if self.decode_rows:
             rows = torch.tensor(self.decode_rows, device=device)
             lens = torch.tensor([batch.context_lens[b] for b in self.decode_rows], device=device)
@@ -185,16 +186,23 @@ class KernelQueries:
 
     @classmethod
     def of(
-        cls, kernel: PagedAttention, batch: ForwardBatch, starts: list[int], block_size: int, device: torch.device
+        cls,
+        kernel: PagedAttention,
+        batch: ForwardBatch,
+        chunks: list[int],
+        starts: list[int],
+        block_size: int,
+        device: torch.device,
     ) -> KernelQueries:
+        """Every query of the batch's ``chunks`` (indices into it), each chunk's tokens starting at ``starts``."""
         tokens: list[int] = []
         rows: list[int] = []
         lens: list[int] = []
-        for b, (n, ctx) in enumerate(zip(batch.query_lens, batch.context_lens, strict=True)):
-            if n == 1 or n <= SHORT_CHUNK:  # a decode row or a short chunk; query j of n sits at ctx - n + j
-                tokens.extend(range(starts[b], starts[b] + n))
-                rows.extend([b] * n)
-                lens.extend(range(ctx - n + 1, ctx + 1))
+        for b in chunks:
+            n, ctx = batch.query_lens[b], batch.context_lens[b]  # query j of n sits at position ctx - n + j
+            tokens.extend(range(starts[b], starts[b] + n))
+            rows.extend([b] * n)
+            lens.extend(range(ctx - n + 1, ctx + 1))
 
         def tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
