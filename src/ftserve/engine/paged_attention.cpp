@@ -61,7 +61,7 @@ inline float exp_nonpositive(float x) {
 // a speculative verify: greedy speculation stays exact wherever the rest of the forward is row-invariant.
 template <typename T>
 void attend_one(const float* q, const T* k, const T* v, const int64_t* blocks, int64_t len, int64_t block_size,
-                int64_t group, int64_t dim, float scale, float* scores, float* out) {
+                int64_t group, int64_t dim, float scale, float* scores, float* totals, float* out) {
   for (int64_t first = 0; first < len; first += block_size) {  // block by block: no division per position
     const T* keys = k + blocks[first / block_size] * block_size * dim;
     const int64_t n = std::min(block_size, len - first);
@@ -76,7 +76,6 @@ void attend_one(const float* q, const T* k, const T* v, const int64_t* blocks, i
       }
     }
   }
-  std::vector<float> total(group);
   for (int64_t g = 0; g < group; ++g) {
     float* sg = scores + g * len;
     float top = sg[0];
@@ -88,7 +87,7 @@ void attend_one(const float* q, const T* k, const T* v, const int64_t* blocks, i
       sg[i] = exp_nonpositive(sg[i] - top);
       sum += sg[i];
     }
-    total[g] = sum;
+    totals[g] = sum;
   }
   std::fill(out, out + group * dim, 0.f);
   for (int64_t first = 0; first < len; first += block_size) {
@@ -105,7 +104,7 @@ void attend_one(const float* q, const T* k, const T* v, const int64_t* blocks, i
     }
   }
   for (int64_t g = 0; g < group; ++g) {
-    const float inverse = 1.0f / total[g];
+    const float inverse = 1.0f / totals[g];
     for (int64_t d = 0; d < dim; ++d) out[g * dim + d] *= inverse;
   }
 }
@@ -121,13 +120,13 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   const T* vp = v_cache.data_ptr<T>();
   float* ap = acc.data_ptr<float>();
   at::parallel_for(0, num_tokens * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * dim), scores(group * longest);
+    std::vector<float> qf(group * dim), scores(group * longest), totals(group);  // per thread, reused by its items
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item / kv_heads, h = item % kv_heads;
       const T* qh = qp + (t * heads + h * group) * dim;
       for (int64_t i = 0; i < group * dim; ++i) qf[i] = as_float(qh[i]);
       attend_one<T>(qf.data(), kp + h * slots * dim, vp + h * slots * dim, table + row_of[t] * nblocks, len_of[t],
-                    block_size, group, dim, scale, scores.data(), ap + (t * heads + h * group) * dim);
+                    block_size, group, dim, scale, scores.data(), totals.data(), ap + (t * heads + h * group) * dim);
     }
   });
 }
