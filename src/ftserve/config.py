@@ -163,6 +163,13 @@ class EngineConfig(_Strict):
         "(built on first start, cached; torch's path with a logged reason if it cannot be built), torch = "
         "gather each row's KV blocks and attend with torch matmuls.",
     )
+    linear_kernel: Literal["auto", "torch"] = Field(
+        "auto",
+        description="Dense projections on CPU (float32 or bfloat16): auto = the compiled row-invariant kernel, whose "
+        "result for a token does not depend on the other tokens of the forward (greedy output then stays the same "
+        "with speculation, prefix caching and any batch; torch's path with a logged reason if it cannot be built), "
+        "torch = F.linear (oneDNN / MKL, whose summation order follows the row count).",
+    )
     max_loras: int = Field(8, ge=1, le=256, description="LoRA adapters resident for compute at once (slots).")
     max_lora_rank: int = Field(32, ge=1, le=512, description="Largest LoRA rank an adapter may have.")
     max_cpu_loras: int = Field(

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ftserve.engine import kernels
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -27,7 +29,8 @@ def test_bentoml_build_offline_packs_the_service(tmp_path: Path) -> None:
     assert info["service"] == "ftserve.service.bento:FTServe"
     assert {"name": "PYTHONPATH", "value": "src", "stage": "all"} in info["envs"]
     assert (bento / "src" / "src" / "ftserve" / "service" / "bento.py").is_file()
-    assert (bento / "src" / "src" / "ftserve" / "engine" / "paged_attention.cpp").is_file()  # built at start
+    for source in kernels.SOURCES:  # the CPU kernels are built at start
+        assert (bento / "src" / "src" / "ftserve" / "engine" / source.name).is_file()
     assert (bento / "src" / "bentos" / "default.yaml").is_file()
     for shipped in ("support-router", "order-extract", "support-router-dpo"):
         assert (bento / "src" / "adapters" / shipped / "adapter_model.safetensors").is_file()

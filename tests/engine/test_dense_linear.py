@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ftserve.engine.qlinear import DenseLinear, dense_linear
+from ftserve.engine.kernels import rows_linear_kernel
+from ftserve.engine.qlinear import DenseLinear, Int8Linear, dense_linear
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 40])
@@ -41,3 +42,19 @@ def test_one_row_equals_that_row_in_a_pair() -> None:
     weight = torch.randn(128, 64)
     x = torch.randn(2, 64)
     torch.testing.assert_close(dense_linear(x[:1], weight)[0], dense_linear(x, weight)[0], atol=1e-6, rtol=1e-6)
+
+
+def test_the_row_invariant_kernel_runs_dense_cpu_weights_only() -> None:
+    kernel = rows_linear_kernel("auto", torch.device("cpu"))
+    assert kernel is not None
+    layer = DenseLinear(torch.randn(24, 16, dtype=torch.bfloat16))
+    layer.use_kernel(kernel)
+    assert layer.kernel is kernel and layer.matmul_rows(3) == 3  # no padding: its cost follows the rows
+    x = torch.randn(2, 3, 16, dtype=torch.bfloat16)
+    torch.testing.assert_close(layer(x).float(), F.linear(x, layer.weight).float(), atol=5e-2, rtol=2e-2)
+    half = DenseLinear(torch.randn(24, 16, dtype=torch.float16))
+    half.use_kernel(kernel)
+    assert half.kernel is None  # float16: F.linear
+    int8 = Int8Linear(torch.ones(24, 16, dtype=torch.int8), torch.ones(24), torch.float32)
+    int8.use_kernel(kernel)  # quantized weights keep their own matmul
+    assert not hasattr(int8, "kernel")

@@ -1,4 +1,5 @@
-"""The compiled paged-attention kernel: when it is used, how it fails, and that it never reads out of bounds."""
+"""The compiled CPU kernels: when they are used, how they fail, that paged attention never reads out of bounds, and
+that both give a token the same bits whatever else shares the call."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 import torch.utils.cpp_extension
 
 from ftserve.engine import kernels
-from ftserve.engine.kernels import paged_attention_kernel
+from ftserve.engine.kernels import paged_attention_kernel, rows_linear_kernel
 
 CPU = torch.device("cpu")
 
@@ -17,6 +18,8 @@ CPU = torch.device("cpu")
 def test_torch_choice_and_other_devices_take_the_torch_path() -> None:
     assert paged_attention_kernel("torch", CPU) is None
     assert paged_attention_kernel("auto", torch.device("meta")) is None
+    assert rows_linear_kernel("torch", CPU) is None
+    assert rows_linear_kernel("auto", torch.device("meta")) is None
 
 
 def test_a_kernel_that_cannot_be_built_leaves_the_torch_path_with_the_reason_logged(
@@ -27,7 +30,7 @@ def test_a_kernel_that_cannot_be_built_leaves_the_torch_path_with_the_reason_log
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
     with caplog.at_level(logging.WARNING, logger="ftserve.engine.kernels"):
-        assert kernels._compile() is None
+        assert kernels._compile() is False
     assert "c++: command not found" in caplog.text
 
 
@@ -63,3 +66,45 @@ def test_a_query_gets_the_same_bits_alone_or_beside_longer_ones(dtype: torch.dty
     for t in range(3):
         alone = kernel(q[t : t + 1].contiguous(), k, v, tables, rows[t : t + 1], lens[t : t + 1], 4, 0.25)
         assert torch.equal(alone[0], together[t])
+
+
+# K = 70 and N = 11 leave tails after whole vector widths and weight tiles; 23 rows leave one after row tiles.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_linear_computes_x_times_w_transposed(dtype: torch.dtype) -> None:
+    kernel = rows_linear_kernel("auto", CPU)
+    assert kernel is not None
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(23, 70, generator=gen).to(dtype)
+    w = torch.randn(11, 70, generator=gen).to(dtype)
+    out = kernel(x, w)
+    assert out.shape == (23, 11) and out.dtype == dtype
+    want = x.double() @ w.double().T
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the output's own rounding (8 bits of mantissa)
+    torch.testing.assert_close(out.double(), want, atol=tol * 10, rtol=tol)
+    assert kernel(x[:0].contiguous(), w).shape == (0, 11)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_gets_the_same_bits_alone_or_among_any_rows(dtype: torch.dtype) -> None:
+    """A token's projection in a decode step (1 row), a speculative verify (5) or a prefill chunk (many) is the
+    same, bit for bit: greedy speculation and prefix caching then pick the same tokens as plain decoding."""
+    kernel = rows_linear_kernel("auto", CPU)
+    assert kernel is not None
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(40, 1536, generator=gen).to(dtype)
+    w = torch.randn(64, 1536, generator=gen).to(dtype)
+    together = kernel(x, w)
+    for t in range(40):
+        assert torch.equal(kernel(x[t : t + 1].contiguous(), w)[0], together[t])
+    assert torch.equal(kernel(x[3:8].contiguous(), w), together[3:8])
+
+
+def test_rows_linear_refuses_mismatched_inputs() -> None:
+    kernel = rows_linear_kernel("auto", CPU)
+    assert kernel is not None
+    with pytest.raises(RuntimeError, match="float32 or bfloat16, the same"):
+        kernel(torch.zeros(2, 8), torch.zeros(3, 8, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match=r"x \[M, K\], w \[N, K\]"):
+        kernel(torch.zeros(2, 8), torch.zeros(3, 9))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        kernel(torch.zeros(8, 2).t(), torch.zeros(3, 8))

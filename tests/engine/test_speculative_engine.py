@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 
 from ftserve.bench.adapters import make_random_adapters
 from ftserve.config import EngineConfig, SpeculativeConfig
@@ -92,6 +93,18 @@ def test_greedy_speculation_equals_plain_decoding_with_adapters(
     assert all(out.num_draft_tokens == 0 for out in plain)
     assert sum(out.num_accepted_tokens for out in spec) > 0  # drafts were really made and accepted
     assert any(out.num_draft_tokens > out.num_accepted_tokens for out in spec)  # and some rejected
+
+
+def test_greedy_speculation_equals_plain_decoding_in_bfloat16(model_dir: Path, adapter_root: Path) -> None:
+    """bfloat16 rounds every projection's output, so a sum whose order followed the row count (a 1-row decode
+    against a 5-row verify) would move a logit by a whole bf16 step and, some layers later, the greedy token.
+    The row-invariant CPU kernels give a token the same bits in either, with adapters too."""
+    bf16 = NativeLlama.from_dir(model_dir, torch.device("cpu"), torch.bfloat16)
+    alone = generate(model_dir, bf16, adapter_root, "none")
+    spec = generate(model_dir, bf16, adapter_root, "prompt-lookup", ngram_history=False)
+    _assert_same_tokens(alone, spec)
+    assert sum(out.num_accepted_tokens for out in spec) > 0
+    assert any(out.num_draft_tokens > out.num_accepted_tokens for out in spec)
 
 
 def _assert_same_tokens(plain: list[GenerationOutput], spec: list[GenerationOutput]) -> None:

@@ -210,9 +210,12 @@ async def _run(config: SpecBenchConfig, model_dir: Path, json_path: Path) -> lis
 async def _measure(cases: list[Case], prompts: list[Prompt], batch: int, config: SpecBenchConfig) -> list[list[Run]]:
     """Every case ``repeats`` times, interleaved, every other repeat in reverse order (so a drift within a
     repeat favours no case); each run starts with no output history (prompt lookup must not draft a prompt's
-    answer from an earlier run of the same prompt). Runs per case, in repeat order."""
+    answer from an earlier run of the same prompt). Runs per case, in repeat order.
+
+    The warm-up prefills every prompt on every engine, so every measured run finds the same prompts in the
+    prefix cache: a prompt's output is compared with the baseline's under the same caching."""
     for case in cases:
-        await run_case(case.engine, prompts[:1], 1, "none", config.num_tokens, 8)  # warm-up
+        await run_case(case.engine, prompts, 1, "none", config.num_tokens, 8)  # warm-up
     runs: list[list[Run]] = [[] for _ in cases]
     for repeat in tqdm(range(config.repeats), desc=f"batch {batch}", unit="repeat", leave=False):
         order = list(zip(cases, runs, strict=True))

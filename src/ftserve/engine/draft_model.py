@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftserve.config import SpeculativeConfig
+from ftserve.engine.kernels import RowsLinear
 from ftserve.engine.loader import is_quantized, pick_dtype
 from ftserve.engine.model import KVCache, ModelShape, NativeLlama, read_state
 from ftserve.engine.runner import Piece, pack
@@ -60,9 +61,11 @@ class DraftModel:
         self._written: dict[int, _Written] = {}
         self.passes: list[tuple[int, float]] = []  # (rows, seconds) of each plain drafting pass of the last propose()
 
-    def bind(self, target_cache: KVCache, target_shape: ModelShape) -> None:
+    def bind(self, target_cache: KVCache, target_shape: ModelShape, linear: RowsLinear | None = None) -> None:
         """Give the draft its KV cache: the target's own when the KV layouts match (see the module docstring),
-        else one of its own laid out like the target's, whose block tables it reads."""
+        else one of its own laid out like the target's, whose block tables it reads; and the target's choice
+        of projection kernel (``linear``)."""
+        self.model.use_linear_kernel(linear)
         mine = self.model.shape
         layers = self.num_layers or mine.num_layers
         same_layout = (mine.num_kv_heads, mine.head_dim) == (target_shape.num_kv_heads, target_shape.head_dim)

@@ -1,13 +1,18 @@
 """Compiled CPU kernels of the native engine, built on first use and cached.
 
-``paged_attention.cpp`` (beside this file) is compiled with torch's JIT C++ extension builder (g++ and ninja)
+- ``paged_attention.cpp``: attention of decode rows and short chunks, reading the paged KV cache in place;
+- ``rows_linear.cpp``: the dense projections, each output reduced in one fixed order whatever the row count,
+  so a token's result does not depend on the batch it shares a forward with (what keeps greedy speculative
+  decoding, prefix caching and continuous batching token-for-token equal to decoding one sequence alone).
+
+Both (beside this file) are compiled into one extension with torch's JIT C++ extension builder (g++ and ninja)
 into torch's extension folder (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), keyed by
 the source, the flags and this CPU's instruction sets, so a later start loads it in milliseconds and a
 changed source or another CPU builds anew. Built for the machine it runs on (``-march=native``).
 
 When it cannot be built (no compiler, a torch without headers) the engine logs why and keeps torch's
-gather-and-matmul attention, which computes the same thing; ``engine.attention_kernel: torch`` asks for
-that path outright.
+gather-and-matmul attention and ``F.linear``, which compute the same thing up to rounding;
+``engine.attention_kernel: torch`` and ``engine.linear_kernel: torch`` ask for those paths outright.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("paged_attention.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "rows_linear.cpp")]
 # -fopenmp: at::parallel_for is inline OpenMP, serial without it; the extension then needs libgomp.so.1, which
 # resolves to the copy torch already loaded (one thread pool). omp simd vectorizes the dots without fast-math.
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -48,20 +53,35 @@ class PagedAttention(Protocol):
     ) -> torch.Tensor: ...
 
 
+class RowsLinear(Protocol):
+    """``torch.ops.ftserve.rows_linear``: x [M, K] @ w [N, K].T → [M, N], row-invariant (see the source)."""
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor: ...
+
+
 def paged_attention_kernel(choice: str, device: torch.device) -> PagedAttention | None:
     """The compiled kernel for ``engine.attention_kernel`` on ``device``; None means torch's path."""
-    if choice == "torch" or device.type != "cpu":
+    if choice == "torch" or device.type != "cpu" or not _build():
         return None
-    return _build()
+    op: PagedAttention = torch.ops.ftserve.paged_attention
+    return op
+
+
+def rows_linear_kernel(choice: str, device: torch.device) -> RowsLinear | None:
+    """The compiled projection kernel for ``engine.linear_kernel`` on ``device``; None means ``F.linear``."""
+    if choice == "torch" or device.type != "cpu" or not _build():
+        return None
+    op: RowsLinear = torch.ops.ftserve.rows_linear
+    return op
 
 
 @functools.cache
-def _build() -> PagedAttention | None:
+def _build() -> bool:
     """Once per process: a second extension registering the same operators would abort."""
     return _compile()
 
 
-def _compile() -> PagedAttention | None:
+def _compile() -> bool:
     try:
         import ninja  # the builder runs the ninja binary this package ships, which need not be on PATH
         from torch.utils.cpp_extension import load
@@ -69,19 +89,18 @@ def _compile() -> PagedAttention | None:
         os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
         started = time.perf_counter()
         load(
-            name=f"ftserve_paged_attention_{_cpu_key()}",
-            sources=[str(SOURCE)],
+            name=f"ftserve_kernels_{_cpu_key()}",
+            sources=[str(source) for source in SOURCES],
             extra_cflags=CFLAGS,
             extra_ldflags=LDFLAGS,
             is_python_module=False,
             verbose=False,
         )
     except Exception as exc:  # any failure to build keeps the torch path; the engine still serves
-        log.warning("paged-attention kernel not built, attention gathers KV in torch instead: %s", exc)
-        return None
-    op: PagedAttention = torch.ops.ftserve.paged_attention
-    log.info("paged-attention kernel ready (%.1f s)", time.perf_counter() - started)
-    return op
+        log.warning("CPU kernels not built, the engine uses torch's attention and F.linear instead: %s", exc)
+        return False
+    log.info("CPU kernels ready: paged attention, row-invariant linear (%.1f s)", time.perf_counter() - started)
+    return True
 
 
 def _cpu_key() -> str:

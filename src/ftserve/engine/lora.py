@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 
 from ftserve.engine.batch import ForwardBatch, LoraBatch
+from ftserve.engine.kernels import RowsLinear
 from ftserve.engine.model import ModelShape
 
 log = logging.getLogger(__name__)
@@ -155,8 +156,11 @@ class LoraManager:
         device: torch.device,
         dtype: torch.dtype,
         max_cpu_loras: int = 64,
+        kernel: RowsLinear | None = None,
     ):
+        """``kernel``: the row-invariant matmul (engine/kernels.py) the deltas run through, as the base does."""
         self.shape = shape
+        self.kernel = kernel if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) else None
         self.max_cpu_loras = max_cpu_loras
         self.max_loras = max_loras
         self.max_rank = max_rank
@@ -273,6 +277,9 @@ class LoraManager:
         weights, and the concatenated weights are reused for as long as the set of adapters is unchanged.
         """
         a_cat, b_cat = self._stacked(layer, target, lora)
+        if self.kernel is not None:  # the stacks are stored transposed, as the kernel's [N, K] weights
+            out += self.kernel(self.kernel(x.contiguous(), a_cat) * lora.mask, b_cat)
+            return
         out += torch.mm(torch.mm(x, a_cat) * lora.mask, b_cat)
 
     def _stacked(self, layer: int, target: str, lora: LoraBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,7 +291,11 @@ class LoraManager:
             slots, r = lora.active_slots, lora.rank
             a = self._a[(layer, target)][slots, :, :r]  # [S, in, r]
             b = self._b[(layer, target)][slots, :r, :]  # [S, r, out]
-            cached = (a.permute(1, 0, 2).reshape(a.shape[1], -1).contiguous(), b.reshape(-1, b.shape[-1]).contiguous())
+            # [in, S r] and [S r, out]
+            a_cat, b_cat = a.permute(1, 0, 2).reshape(a.shape[1], -1), b.reshape(-1, b.shape[-1])
+            if self.kernel is not None:
+                a_cat, b_cat = a_cat.t(), b_cat.t()
+            cached = (a_cat.contiguous(), b_cat.contiguous())
             self._stack[(layer, target)] = cached
         return cached
 

@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from ftserve.engine.attention import AttentionPlan
 from ftserve.engine.batch import ForwardBatch
-from ftserve.engine.kernels import PagedAttention
+from ftserve.engine.kernels import PagedAttention, RowsLinear
 from ftserve.engine.qlinear import LINEAR_KEYS, DenseLinear, Linear, QuantFormatError, build_linear
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
@@ -210,6 +210,13 @@ class NativeLlama:
     @classmethod
     def from_dir(cls, model_dir: Path, device: torch.device, dtype: torch.dtype) -> NativeLlama:
         return cls(ModelShape.from_dir(model_dir), read_state(model_dir), device, dtype)
+
+    def use_linear_kernel(self, kernel: RowsLinear | None) -> None:
+        """Run the dense projections and the head through the row-invariant kernel (None: ``F.linear``)."""
+        self.head.use_kernel(kernel)
+        for layer in self.layers:
+            for linear in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                linear.use_kernel(kernel)
 
     def matmul_rows(self, rows: int) -> int:
         """The row count the layers' matmuls run ``rows`` token rows as: a forward's time follows it."""

@@ -16,7 +16,7 @@ from ftserve.engine.base import LoopEngine, RequestState, Results
 from ftserve.engine.batch import SchedulerOutput
 from ftserve.engine.block_manager import BlockManager
 from ftserve.engine.draft_model import DraftModel, load_draft
-from ftserve.engine.kernels import paged_attention_kernel
+from ftserve.engine.kernels import paged_attention_kernel, rows_linear_kernel
 from ftserve.engine.loader import HFTokenizer, eos_token_ids, prepare_runtime
 from ftserve.engine.lora import AdapterError, LoraAdapter, LoraManager, load_peft_adapter
 from ftserve.engine.model import KVCache, NativeLlama
@@ -49,14 +49,22 @@ class NativeEngine(LoopEngine):
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         kernel = paged_attention_kernel(config.attention_kernel, model.device)
         self.cache = KVCache(model.shape, num_blocks, config.block_size, model.dtype, model.device, kernel)
+        linear = rows_linear_kernel(config.linear_kernel, model.device)
+        model.use_linear_kernel(linear)
         if draft is not None:
-            draft.bind(self.cache, model.shape)
+            draft.bind(self.cache, model.shape, linear)
         self.speculator = Speculator(config.speculative, max_len, draft, model.matmul_rows)
         self.scheduler = Scheduler(
             self.blocks, config.max_num_seqs, config.max_num_batched_tokens, config.max_loras, self.speculator
         )
         self.loras = LoraManager(
-            model.shape, config.max_loras, config.max_lora_rank, model.device, model.dtype, config.max_cpu_loras
+            model.shape,
+            config.max_loras,
+            config.max_lora_rank,
+            model.device,
+            model.dtype,
+            config.max_cpu_loras,
+            linear,
         )
         self._seqs: dict[int, Sequence] = {}
         self._draining: set[str] = set()  # adapters being unloaded once their requests finish

@@ -17,9 +17,13 @@ weight; elsewhere the weight is dequantized once at load, which is correct but g
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from ftserve.engine.kernels import RowsLinear
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 LINEAR_KEYS = ("weight", "qweight", "scales", "zeros")  # tensors a linear may be stored as
@@ -66,6 +70,9 @@ class Linear:
         """The row count a call with ``rows`` token rows runs its matmul with (what its time follows)."""
         return rows
 
+    def use_kernel(self, kernel: RowsLinear | None) -> None:
+        """Run through the row-invariant kernel (engine/kernels.py) where it applies; quantized weights don't."""
+
 
 SMALL_PADS = {1: 2, 3: 4, 7: 8}  # row counts up to 8 that dense_linear pads, to what (see there)
 
@@ -110,18 +117,38 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.view(*shape[:-1], weight.shape[0])
 
 
+def kernel_linear(kernel: RowsLinear, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` through the row-invariant kernel: a row's result is the same whatever shares the call."""
+    shape = x.shape
+    out = kernel(x.reshape(-1, shape[-1]).contiguous(), weight)
+    return out.view(*shape[:-1], weight.shape[0])
+
+
+def kernel_applies(weight: torch.Tensor) -> bool:
+    """Whether the row-invariant kernel can run ``weight``: on CPU, float32 or bfloat16."""
+    return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+
+
 @dataclass
 class DenseLinear(Linear):
     weight: torch.Tensor  # [N, K]
+    kernel: RowsLinear | None = None
 
     def __post_init__(self) -> None:
         self.out_features = self.weight.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None and x.dtype == self.weight.dtype:
+            return kernel_linear(self.kernel, x, self.weight)
         return dense_linear(x, self.weight)
 
     def matmul_rows(self, rows: int) -> int:
-        return padded_rows(rows) if runs_in_panels(self.weight) else rows
+        if self.kernel is None and runs_in_panels(self.weight):
+            return padded_rows(rows)
+        return rows
+
+    def use_kernel(self, kernel: RowsLinear | None) -> None:
+        self.kernel = kernel if kernel_applies(self.weight) else None
 
 
 class Int8Linear(Linear):
