@@ -21,7 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import ValidationError
 from tqdm import tqdm
@@ -214,15 +214,28 @@ class NativeRunner(Runner):
         self.engine = self.engine_config = None
 
 
-class TorchAttentionRunner(NativeRunner):
-    """The native engine with ``attention_kernel: torch`` (KV gathered, then torch matmuls) beside ``native``
-    (the compiled paged-attention kernel on CPU): what the kernel gains, in the same run."""
+class OverrideRunner(NativeRunner):
+    """The native engine with some engine settings changed, beside ``native`` in the same run."""
 
-    name = "native-torch-attention"
+    overrides: ClassVar[dict[str, str]] = {}
 
     def __init__(self, config: EngineBenchConfig, model_dir: Path, adapters: AdapterFolders) -> None:
         super().__init__(config, model_dir, adapters)
-        self.settings = {**self.settings, "attention_kernel": "torch"}
+        self.settings = {**self.settings, **self.overrides}
+
+
+class TorchAttentionRunner(OverrideRunner):
+    """``attention_kernel: torch`` (KV gathered, then torch matmuls): what the paged-attention kernel gains."""
+
+    name = "native-torch-attention"
+    overrides: ClassVar[dict[str, str]] = {"attention_kernel": "torch"}
+
+
+class TorchLinearRunner(OverrideRunner):
+    """``linear_kernel: torch`` (``F.linear``): what the row-invariant projection kernel gains or costs."""
+
+    name = "native-torch-linear"
+    overrides: ClassVar[dict[str, str]] = {"linear_kernel": "torch"}
 
 
 class VllmBackendRunner(NativeRunner):
@@ -393,6 +406,7 @@ class VllmCpuRunner(Runner):
 RUNNERS: dict[str, type[Runner]] = {
     "native": NativeRunner,
     "native-torch-attention": TorchAttentionRunner,
+    "native-torch-linear": TorchLinearRunner,
     "hf-generate": HFGenerateRunner,
     "vllm-cpu": VllmCpuRunner,
     "vllm-backend": VllmBackendRunner,

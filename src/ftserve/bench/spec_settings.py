@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ftserve.config import DEFAULT_MODEL, MAX_SPEC_TOKENS
+from ftserve.config import DEFAULT_MODEL, MAX_SPEC_TOKENS, SpeculativeConfig
 
 DRAFT_FORM = re.compile(r"^(int8|int4|none)(?::(\d+))?$")  # quantization of the served model's copy[:layers]
 
@@ -25,12 +25,17 @@ class SpecBenchConfig(BaseModel):
         Path("data/heldout/order-extract.handwritten.jsonl"), description="Order texts of the grounded scenario."
     )
     drafts: list[str] = Field(
-        default_factory=lambda: ["int8"],
+        default_factory=lambda: ["int4", "int8"],
         min_length=1,
         description="Draft models, one set of draft-model rows each: int8 / int4 (a quantized copy of the served "
         "model) or none (its own weights), optionally :N for only the first N layers (none:20 = self-draft).",
     )
-    num_tokens: int = Field(4, ge=1, le=MAX_SPEC_TOKENS, description="Most tokens drafted per step (k).")
+    num_tokens: int = Field(
+        SpeculativeConfig.model_fields["num_tokens"].default,
+        ge=1,
+        le=MAX_SPEC_TOKENS,
+        description="Most tokens drafted per step (k).",
+    )
     batches: list[int] = Field(default_factory=lambda: [1, 8], min_length=1, description="Concurrent requests.")
     requests: int = Field(8, ge=1, le=64, description="Prompts per scenario (each batch size runs them all).")
     max_new_tokens: int = Field(128, ge=8, description="Token limit per request (greedy, stops at EOS).")

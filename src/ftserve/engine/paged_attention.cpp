@@ -20,6 +20,11 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define FTSERVE_AVX512 1
+#endif
+
 namespace {
 
 void check(bool ok, const char* what) { TORCH_CHECK(ok, "ftserve::paged_attention: ", what); }
@@ -55,16 +60,74 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
+#ifdef FTSERVE_AVX512
+// Scores with AVX-512, 16 keys at a time: one reduction across 16 dot products instead of one per product.
+inline __m512 load16(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+inline __m512 load16(const at::BFloat16* p, __mmask16 mask) {  // bfloat16 is the top half of a float32
+  const __m256i h = _mm256_maskz_loadu_epi16(mask, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// 16 vectors of 16 partial sums → one vector of their 16 totals, lane j = v[j]'s. Every vector goes through
+// the same tree (quarters q0 + q2 and q1 + q3, then their sum, then lanes 0 + 2 and 1 + 3, then their sum)
+// whichever slot it has, so a total never depends on its neighbours.
+inline __m512 add_across(__m512* v) {
+#pragma GCC unroll 8
+  for (int p = 0; p < 8; ++p)
+    v[p] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+#pragma GCC unroll 4
+  for (int p = 0; p < 4; ++p)  // quarter r of v[p]: vector 4p + r
+    v[p] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+#pragma GCC unroll 2
+  for (int p = 0; p < 2; ++p)  // quarter r of v[p]: lanes 0-1 vector 8p + r, lanes 2-3 vector 8p + 4 + r
+    v[p] = _mm512_add_ps(_mm512_shuffle_ps(v[2 * p], v[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(v[2 * p], v[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(v[0], v[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_ps(v[0], v[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  // z's lane 4r + c holds vector 4c + r's total.
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, z);
+}
+
+// Scores of one query head against n <= 16 consecutive keys: each dot sums its 16-lane products over the
+// head dimension in order, then add_across; keys past n are zeros, which no other key's total sees.
+template <typename T>
+inline void dot16(const float* qg, const T* keys, int64_t n, int64_t dim, float scale, float* out) {
+  __m512 acc[16];
+#pragma GCC unroll 16
+  for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < dim; d += 16) {
+    const __mmask16 mask = dim - d >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (dim - d)) - 1);
+    const __m512 qv = _mm512_maskz_loadu_ps(mask, qg + d);
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) {  // keys past n: an empty mask reads nothing and adds zeros
+      acc[j] = _mm512_fmadd_ps(qv, load16(keys + j * dim + d, j < n ? mask : __mmask16(0)), acc[j]);
+    }
+  }
+  const __m512 totals = _mm512_mul_ps(add_across(acc), _mm512_set1_ps(scale));
+  _mm512_mask_storeu_ps(out, __mmask16((1u << n) - 1), totals);
+}
+#endif
+
 // One (query, KV head) pair: scores of its query heads for every position the query sees, their softmax, the
 // weighted sum of values. Everything a query computes depends on that query alone (never on which other
 // queries share the call, nor on their lengths), so a token's attention is the same in a decode step and in
 // a speculative verify: greedy speculation stays exact wherever the rest of the forward is row-invariant.
+
 template <typename T>
 void attend_one(const float* q, const T* k, const T* v, const int64_t* blocks, int64_t len, int64_t block_size,
                 int64_t group, int64_t dim, float scale, float* scores, float* totals, float* out) {
   for (int64_t first = 0; first < len; first += block_size) {  // block by block: no division per position
     const T* keys = k + blocks[first / block_size] * block_size * dim;
     const int64_t n = std::min(block_size, len - first);
+#ifdef FTSERVE_AVX512
+    for (int64_t g = 0; g < group; ++g) {
+      for (int64_t i = 0; i < n; i += 16)
+        dot16<T>(q + g * dim, keys + i * dim, std::min<int64_t>(16, n - i), dim, scale, scores + g * len + first + i);
+    }
+#else
     for (int64_t i = 0; i < n; ++i) {
       const T* key = keys + i * dim;
       for (int64_t g = 0; g < group; ++g) {
@@ -75,6 +138,7 @@ void attend_one(const float* q, const T* k, const T* v, const int64_t* blocks, i
         scores[g * len + first + i] = dot * scale;
       }
     }
+#endif
   }
   for (int64_t g = 0; g < group; ++g) {
     float* sg = scores + g * len;
