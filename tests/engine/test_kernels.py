@@ -10,7 +10,7 @@ import torch
 import torch.utils.cpp_extension
 
 from ftserve.engine import kernels
-from ftserve.engine.kernels import paged_attention_kernel, rows_linear_kernel
+from ftserve.engine.kernels import RowsLinear, paged_attention_kernel, rows_linear_kernel
 
 CPU = torch.device("cpu")
 
@@ -68,14 +68,20 @@ def test_a_query_gets_the_same_bits_alone_or_beside_longer_ones(dtype: torch.dty
         assert torch.equal(alone[0], together[t])
 
 
+def linear_operands(
+    seed: int, rows: int, k: int, n: int, dtype: torch.dtype
+) -> tuple[RowsLinear, torch.Tensor, torch.Tensor]:
+    """The projection kernel, x [rows, k] and w [n, k] drawn from ``seed``."""
+    kernel = rows_linear_kernel("auto", CPU)
+    assert kernel is not None
+    gen = torch.Generator().manual_seed(seed)
+    return kernel, torch.randn(rows, k, generator=gen).to(dtype), torch.randn(n, k, generator=gen).to(dtype)
+
+
 # K = 70 and N = 11 leave tails after whole vector widths and weight tiles; 23 rows leave one after row tiles.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rows_linear_computes_x_times_w_transposed(dtype: torch.dtype) -> None:
-    kernel = rows_linear_kernel("auto", CPU)
-    assert kernel is not None
-    gen = torch.Generator().manual_seed(5)
-    x = torch.randn(23, 70, generator=gen).to(dtype)
-    w = torch.randn(11, 70, generator=gen).to(dtype)
+    kernel, x, w = linear_operands(5, 23, 70, 11, dtype)
     out = kernel(x, w)
     assert out.shape == (23, 11) and out.dtype == dtype
     want = x.double() @ w.double().T
@@ -87,12 +93,8 @@ def test_rows_linear_computes_x_times_w_transposed(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_row_gets_the_same_bits_alone_or_among_any_rows(dtype: torch.dtype) -> None:
     """A token's projection in a decode step (1 row), a speculative verify (5) or a prefill chunk (many) is the
-    same, bit for bit: greedy speculation and prefix caching then pick the same tokens as plain decoding."""
-    kernel = rows_linear_kernel("auto", CPU)
-    assert kernel is not None
-    gen = torch.Generator().manual_seed(6)
-    x = torch.randn(40, 1536, generator=gen).to(dtype)
-    w = torch.randn(64, 1536, generator=gen).to(dtype)
+    same, bit for bit: greedy speculation then picks the same tokens as plain decoding."""
+    kernel, x, w = linear_operands(6, 40, 1536, 64, dtype)
     together = kernel(x, w)
     for t in range(40):
         assert torch.equal(kernel(x[t : t + 1].contiguous(), w)[0], together[t])
