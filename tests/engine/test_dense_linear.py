@@ -52,9 +52,10 @@ def test_the_row_invariant_kernel_runs_dense_cpu_weights_only() -> None:
     assert layer.kernel is kernel and layer.matmul_rows(3) == 3  # no padding: its cost follows the rows
     x = torch.randn(2, 3, 16, dtype=torch.bfloat16)
     torch.testing.assert_close(layer(x).float(), F.linear(x, layer.weight).float(), atol=5e-2, rtol=2e-2)
-    half = DenseLinear(torch.randn(24, 16, dtype=torch.float16))
-    half.use_kernel(kernel)
-    assert half.kernel is None  # float16: F.linear
+    for other in (torch.randn(24, 16, dtype=torch.float16), torch.randn(16, 24).t()):  # float16; a strided view
+        layer = DenseLinear(other)
+        layer.use_kernel(kernel)
+        assert layer.kernel is None  # F.linear
     int8 = Int8Linear(torch.ones(24, 16, dtype=torch.int8), torch.ones(24), torch.float32)
     int8.use_kernel(kernel)  # quantized weights keep their own matmul
     assert not hasattr(int8, "kernel")

@@ -125,8 +125,8 @@ def kernel_linear(kernel: RowsLinear, x: torch.Tensor, weight: torch.Tensor) -> 
 
 
 def kernel_applies(weight: torch.Tensor) -> bool:
-    """Whether the row-invariant kernel can run ``weight``: on CPU, float32 or bfloat16."""
-    return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+    """Whether the row-invariant kernel can run ``weight``: on CPU, float32 or bfloat16, contiguous."""
+    return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous()
 
 
 @dataclass
