@@ -173,7 +173,7 @@ class EngineConfig(_Strict):
         "auto",
         description="Dense projections on CPU (float32 or bfloat16): auto = the compiled row-invariant kernel, whose "
         "result for a token does not depend on the other tokens of the forward (greedy output then stays the same "
-        "with speculation, prefix caching and any batch; torch's path with a logged reason if it cannot be built), "
+        "with speculation and in any batch; torch's path with a logged reason if it cannot be built), "
         "torch = F.linear (oneDNN / MKL, whose summation order follows the row count).",
     )
     max_loras: int = Field(8, ge=1, le=256, description="LoRA adapters resident for compute at once (slots).")

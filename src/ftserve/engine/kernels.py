@@ -3,7 +3,7 @@
 - ``paged_attention.cpp``: attention of decode rows and short chunks, reading the paged KV cache in place;
 - ``rows_linear.cpp``: the dense projections, each output reduced in one fixed order whatever the row count,
   so a token's result does not depend on the batch it shares a forward with (what keeps greedy speculative
-  decoding, prefix caching and continuous batching token-for-token equal to decoding one sequence alone).
+  decoding and continuous batching token-for-token equal to decoding one sequence alone).
 
 Both (beside this file) are compiled into one extension with torch's JIT C++ extension builder (g++ and ninja)
 into torch's extension folder (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), keyed by
@@ -59,9 +59,14 @@ class RowsLinear(Protocol):
     def __call__(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor: ...
 
 
+def runs_on(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the compiled kernels take tensors of ``dtype`` on ``device``: on CPU, float32 or bfloat16."""
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+
+
 def paged_attention_kernel(choice: str, device: torch.device) -> PagedAttention | None:
     """The compiled kernel for ``engine.attention_kernel`` on ``device``; None means torch's path."""
-    if choice == "torch" or device.type != "cpu" or not _build():
+    if not _wanted(choice, device):
         return None
     op: PagedAttention = torch.ops.ftserve.paged_attention
     return op
@@ -69,10 +74,15 @@ def paged_attention_kernel(choice: str, device: torch.device) -> PagedAttention 
 
 def rows_linear_kernel(choice: str, device: torch.device) -> RowsLinear | None:
     """The compiled projection kernel for ``engine.linear_kernel`` on ``device``; None means ``F.linear``."""
-    if choice == "torch" or device.type != "cpu" or not _build():
+    if not _wanted(choice, device):
         return None
     op: RowsLinear = torch.ops.ftserve.rows_linear
     return op
+
+
+def _wanted(choice: str, device: torch.device) -> bool:
+    """A kernel setting asks for the compiled path on a CPU, and the extension is built (or builds now)."""
+    return choice != "torch" and device.type == "cpu" and _build()
 
 
 @functools.cache

@@ -22,8 +22,9 @@ import torch
 from safetensors import safe_open
 
 from ftserve.engine.batch import ForwardBatch, LoraBatch
-from ftserve.engine.kernels import RowsLinear
+from ftserve.engine.kernels import RowsLinear, runs_on
 from ftserve.engine.model import ModelShape
+from ftserve.engine.qlinear import kernel_linear
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ class LoraManager:
     ):
         """``kernel``: the row-invariant matmul (engine/kernels.py) the deltas run through, as the base does."""
         self.shape = shape
-        self.kernel = kernel if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) else None
+        self.kernel = kernel if runs_on(device, dtype) else None
         self.max_cpu_loras = max_cpu_loras
         self.max_loras = max_loras
         self.max_rank = max_rank
@@ -278,7 +279,7 @@ class LoraManager:
         """
         a_cat, b_cat = self._stacked(layer, target, lora)
         if self.kernel is not None:  # the stacks are stored transposed, as the kernel's [N, K] weights
-            out += self.kernel(self.kernel(x.contiguous(), a_cat) * lora.mask, b_cat)
+            out += kernel_linear(self.kernel, kernel_linear(self.kernel, x, a_cat) * lora.mask, b_cat)
             return
         out += torch.mm(torch.mm(x, a_cat) * lora.mask, b_cat)
 

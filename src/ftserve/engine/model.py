@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from ftserve.engine.attention import AttentionPlan
 from ftserve.engine.batch import ForwardBatch
-from ftserve.engine.kernels import PagedAttention, RowsLinear
+from ftserve.engine.kernels import PagedAttention, RowsLinear, runs_on
 from ftserve.engine.qlinear import LINEAR_KEYS, DenseLinear, Linear, QuantFormatError, build_linear
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
@@ -106,7 +106,7 @@ class KVCache:
         device: torch.device,
         kernel: PagedAttention | None = None,
     ):
-        self.kernel = kernel if dtype in (torch.float32, torch.bfloat16) and device.type == "cpu" else None
+        self.kernel = kernel if runs_on(device, dtype) else None
         slots = num_blocks * block_size
         size = (shape.num_layers, shape.num_kv_heads, slots, shape.head_dim)
         self.k = torch.zeros(size, dtype=dtype, device=device)

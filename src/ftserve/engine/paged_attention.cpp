@@ -115,7 +115,6 @@ inline void dot16(const float* qg, const T* keys, int64_t n, int64_t dim, float 
 // weighted sum of values. Everything a query computes depends on that query alone (never on which other
 // queries share the call, nor on their lengths), so a token's attention is the same in a decode step and in
 // a speculative verify: greedy speculation stays exact wherever the rest of the forward is row-invariant.
-
 template <typename T>
 void attend_one(const float* q, const T* k, const T* v, const int64_t* blocks, int64_t len, int64_t block_size,
                 int64_t group, int64_t dim, float scale, float* scores, float* totals, float* out) {

@@ -17,13 +17,11 @@ weight; elsewhere the weight is dequantized once at load, which is correct but g
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from ftserve.engine.kernels import RowsLinear
+from ftserve.engine.kernels import RowsLinear, runs_on
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 LINEAR_KEYS = ("weight", "qweight", "scales", "zeros")  # tensors a linear may be stored as
@@ -126,7 +124,7 @@ def kernel_linear(kernel: RowsLinear, x: torch.Tensor, weight: torch.Tensor) -> 
 
 def kernel_applies(weight: torch.Tensor) -> bool:
     """Whether the row-invariant kernel can run ``weight``: on CPU, float32 or bfloat16, contiguous."""
-    return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous()
+    return runs_on(weight.device, weight.dtype) and weight.is_contiguous()
 
 
 @dataclass

@@ -33,21 +33,18 @@
 
 namespace {
 
-#ifdef __AVX512F__
+// Token rows per tile: its 4 x kRowTile accumulators and their operands fit the registers (32 with AVX-512,
+// 16 with AVX2). Lanes: float32 lanes of a GCC vector, as wide as the registers (GCC splits a wider one badly).
 constexpr int kWeightTile = 4;  // weight rows per tile
-constexpr int kRowTile = 6;     // token rows per tile: 4 x 6 accumulators and their operands fit 32 registers
+#ifdef __AVX512F__
+constexpr int kRowTile = 6;
+constexpr int kLanes = 16;
 #else
-constexpr int kWeightTile = 4;  // AVX2: 4 x 2 accumulators and their operands fit its 16 registers
 constexpr int kRowTile = 2;
+constexpr int kLanes = 8;
 #endif
 constexpr int64_t kRowPanel = 512;  // token rows per panel
 
-// float32 lanes as a GCC vector, as wide as the machine's registers: GCC splits a wider one badly.
-#ifdef __AVX512F__
-constexpr int kLanes = 16;
-#else
-constexpr int kLanes = 8;
-#endif
 typedef float fvec __attribute__((vector_size(kLanes * 4)));
 typedef uint16_t u16vec __attribute__((vector_size(kLanes * 2)));
 typedef uint32_t u32vec __attribute__((vector_size(kLanes * 4)));
