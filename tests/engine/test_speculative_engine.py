@@ -121,6 +121,7 @@ def test_draft_model_int8_copy_is_exact_with_adapters(
     spec = generate(model_dir, native_model, adapter_root, "draft-model", draft, adaptive=False)
     _assert_same_tokens(plain, spec)
     assert draft.shared  # it reads the target's KV for the context
+    assert draft.compiled is not None  # its plain passes ran in draft_layers.cpp
     assert sum(out.num_draft_tokens for out in spec) >= 4 * 30  # it drafted (4 a step, most steps)
     base = [out for out, (_, adapter) in zip(spec, PROMPTS, strict=True) if adapter is None]
     # On base requests the INT8 copy mostly agrees with its original: its context KV is right.

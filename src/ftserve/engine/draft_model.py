@@ -13,6 +13,10 @@ like the target's (same number and size of blocks) and read through the target's
 tracks how far its cache is valid for each sequence (tokens it computed, minus drafts the target
 rejected), and the first draft pass of a step catches up on the rest (the whole prompt the first time).
 
+On CPU, an INT8 draft's plain passes (one token per sequence) run in one compiled call
+(``draft_pass.CompiledPass``, ``draft_layers.cpp``): in Python a pass costs ~5 ms of small operations besides
+the projections, too much against the target's ~20 ms step for drafts to pay.
+
 The draft runs on the base weights, never the request's adapter: one draft serves every adapter, its cost
 does not grow with adapter count, and exactness does not depend on it (the target, with the adapter,
 verifies every token). Acceptance is reported per adapter, so an adapter the base drafts badly shows.
@@ -27,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftserve.config import SpeculativeConfig
-from ftserve.engine.kernels import RowsLinear
+from ftserve.engine.draft_pass import CompiledPass
+from ftserve.engine.kernels import RowsLinear, draft_layers_kernel
 from ftserve.engine.loader import is_quantized, pick_dtype
 from ftserve.engine.model import KVCache, ModelShape, NativeLlama, read_state
 from ftserve.engine.runner import Piece, pack
@@ -60,12 +65,15 @@ class DraftModel:
         self.shared = False  # the draft reads (and scribbles past) the target's own KV cache
         self._written: dict[int, _Written] = {}
         self.passes: list[tuple[int, float]] = []  # (rows, seconds) of each plain drafting pass of the last propose()
+        self.compiled: CompiledPass | None = None  # plain passes of an INT8 draft in one compiled call
 
     def bind(self, target_cache: KVCache, target_shape: ModelShape, linear: RowsLinear | None = None) -> None:
         """Give the draft its KV cache: the target's own when the KV layouts match (see the module docstring),
         else one of its own laid out like the target's, whose block tables it reads; and the target's choice
         of projection kernel (``linear``)."""
         self.model.use_linear_kernel(linear)
+        op = draft_layers_kernel("auto", self.model.device) if linear is not None else None  # kernels in use
+        self.compiled = CompiledPass.build(op, self.model, self.num_layers)
         mine = self.model.shape
         layers = self.num_layers or mine.num_layers
         same_layout = (mine.num_kv_heads, mine.head_dim) == (target_shape.num_kv_heads, target_shape.head_dim)
@@ -99,7 +107,10 @@ class DraftModel:
             pieces = [self._piece(wants[i][0], drafts[i]) for i in active]
             batch = pack(pieces, cache.block_size, self.model.device)
             started = time.perf_counter()
-            logits = self.model.forward(batch, cache, None, self.num_layers)
+            if self.compiled is not None and self.compiled.applies(batch, cache):
+                logits = self.compiled(batch, cache)
+            else:
+                logits = self.model.forward(batch, cache, None, self.num_layers)
             if max(batch.query_lens) <= 2:  # a plain drafting pass, not a catch-up on many tokens
                 self.passes.append((sum(batch.query_lens), time.perf_counter() - started))
             for i, token in zip(active, logits.argmax(dim=-1).tolist(), strict=True):

@@ -30,7 +30,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "rows_linear.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "rows_linear.cpp", "draft_layers.cpp")]
 # -fopenmp: at::parallel_for is inline OpenMP, serial without it; the extension then needs libgomp.so.1, which
 # resolves to the copy torch already loaded (one thread pool). omp simd vectorizes the dots without fast-math.
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -59,6 +59,28 @@ class RowsLinear(Protocol):
     def __call__(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor: ...
 
 
+class DraftLayers(Protocol):
+    """``torch.ops.ftserve.draft_layers``: an INT8 draft's layers for one token row per sequence (see the
+    source for the arguments)."""
+
+    def __call__(
+        self,
+        h: torch.Tensor,
+        weights: list[torch.Tensor],
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        tables: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        heads: int,
+        kv_heads: int,
+        block_size: int,
+        eps: float,
+    ) -> torch.Tensor: ...
+
+
 def runs_on(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the compiled kernels take tensors of ``dtype`` on ``device``: on CPU, float32 or bfloat16."""
     return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
@@ -77,6 +99,14 @@ def rows_linear_kernel(choice: str, device: torch.device) -> RowsLinear | None:
     if not _wanted(choice, device):
         return None
     op: RowsLinear = torch.ops.ftserve.rows_linear
+    return op
+
+
+def draft_layers_kernel(choice: str, device: torch.device) -> DraftLayers | None:
+    """The compiled draft pass for ``engine.linear_kernel`` on ``device``; None means the Python forward."""
+    if not _wanted(choice, device):
+        return None
+    op: DraftLayers = torch.ops.ftserve.draft_layers
     return op
 
 
@@ -109,7 +139,8 @@ def _compile() -> bool:
     except Exception as exc:  # any failure to build keeps the torch path; the engine still serves
         log.warning("CPU kernels not built, the engine uses torch's attention and F.linear instead: %s", exc)
         return False
-    log.info("CPU kernels ready: paged attention, row-invariant linear (%.1f s)", time.perf_counter() - started)
+    took = time.perf_counter() - started
+    log.info("CPU kernels ready: paged attention, row-invariant linear, draft layers (%.1f s)", took)
     return True
 
 
