@@ -41,8 +41,24 @@ constexpr int kPerLayer = 10;   // tensors per layer in the weight list (see dra
 void check(bool ok, const char* what) { TORCH_CHECK(ok, "ftserve::draft_layers: ", what); }
 
 #ifdef FTSERVE_AVX512
+// acc[i][j] += w[i][k:k+16] * x[j][k:k+16] (the masked lanes of a K tail read as zeros).
+template <int NW, int NM>
+__attribute__((always_inline)) inline void step_i8(__m512 (&acc)[NW][NM], const float* x, const int8_t* w, int64_t K,
+                                                   int64_t k, __mmask16 mask) {
+  __m512 xs[NM];
+#pragma GCC unroll 4
+  for (int j = 0; j < NM; ++j) xs[j] = _mm512_maskz_loadu_ps(mask, x + j * K + k);
+#pragma GCC unroll 4
+  for (int i = 0; i < NW; ++i) {
+    const __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, w + i * K + k)));
+#pragma GCC unroll 4
+    for (int j = 0; j < NM; ++j) acc[i][j] = _mm512_fmadd_ps(wf, xs[j], acc[i][j]);
+  }
+}
+
 // out[m][n] = dot(x[m], w[n]) * scale[n] for a tile of NW weight rows and NM token rows, whose accumulators
-// stay in registers (the counts are compile-time so nothing spills).
+// stay in registers (the counts are compile-time so nothing spills). Each weight row's cache line is
+// prefetched once, four tiles ahead: decoding streams the weights from memory.
 template <int NW, int NM>
 void tile_i8(const float* x, const int8_t* w, const float* scale, int64_t K, float* out, int64_t ldo) {
   __m512 acc[NW][NM];
@@ -50,18 +66,17 @@ void tile_i8(const float* x, const int8_t* w, const float* scale, int64_t K, flo
   for (int i = 0; i < NW; ++i)
 #pragma GCC unroll 4
     for (int j = 0; j < NM; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 mask = K - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
-    __m512 xs[NM];
+  constexpr __mmask16 all = 0xFFFF;
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
 #pragma GCC unroll 4
-    for (int j = 0; j < NM; ++j) xs[j] = _mm512_maskz_loadu_ps(mask, x + j * K + k);
+    for (int i = 0; i < NW; ++i) _mm_prefetch(reinterpret_cast<const char*>(w + (i + 4 * NW) * K + k), _MM_HINT_T0);
 #pragma GCC unroll 4
-    for (int i = 0; i < NW; ++i) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + (i + 4 * NW) * K + k), _MM_HINT_T0);  // four tiles ahead
-      const __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, w + i * K + k)));
-#pragma GCC unroll 4
-      for (int j = 0; j < NM; ++j) acc[i][j] = _mm512_fmadd_ps(wf, xs[j], acc[i][j]);
-    }
+    for (int u = 0; u < 64; u += 16) step_i8<NW, NM>(acc, x, w, K, k + u, all);
+  }
+  for (; k < K; k += 16) {
+    const __mmask16 mask = K - k >= 16 ? all : static_cast<__mmask16>((1u << (K - k)) - 1);
+    step_i8<NW, NM>(acc, x, w, K, k, mask);
   }
 #pragma GCC unroll 4
   for (int i = 0; i < NW; ++i)
@@ -143,12 +158,84 @@ void rope(float* x, int64_t heads, int64_t D, const float* cos, const float* sin
   }
 }
 
+// Keys and values of row `row` of qkv (after rope) into one layer's cache at `slot`.
 template <typename T>
-void write_kv(at::Tensor& cache, const float* src, int64_t kv_heads, int64_t D, int64_t slot) {
-  T* base = cache.data_ptr<T>();
-  const int64_t slots = cache.size(1);
-  for (int64_t h = 0; h < kv_heads; ++h)
-    for (int64_t d = 0; d < D; ++d) base[(h * slots + slot) * D + d] = static_cast<T>(src[h * D + d]);
+void write_kv(at::Tensor& k_cache, at::Tensor& v_cache, const float* row, int64_t q_size, int64_t kv_size,
+              int64_t D, int64_t slot) {
+  T* k = k_cache.data_ptr<T>();
+  T* v = v_cache.data_ptr<T>();
+  const int64_t slots = k_cache.size(1);
+  for (int64_t i = 0; i < kv_size; ++i) {
+    const int64_t at = ((i / D) * slots + slot) * D + i % D;  // [kv_head, slot, d]
+    k[at] = static_cast<T>(row[q_size + i]);
+    v[at] = static_cast<T>(row[q_size + kv_size + i]);
+  }
+}
+
+// What one call runs on: the rows, where they write and what they read, and the model's head layout.
+struct Pass {
+  int64_t M, H, D, heads, kv_heads, block_size;
+  double eps;
+  const int64_t* slot;
+  const int64_t* pos;
+  const float* cos;
+  const float* sin;
+  at::Tensor rows, lens, tables;  // for paged_attention: row m reads table row m over pos[m] + 1 positions
+};
+
+void check_layer(const at::Tensor* w, const Pass& p) {
+  const int64_t q_size = p.heads * p.D, kv_size = p.kv_heads * p.D;
+  check(w[0].scalar_type() == at::kFloat && w[0].numel() == p.H && w[5].scalar_type() == at::kFloat &&
+            w[5].numel() == p.H,
+        "norm weights must be float32 [H]");
+  check_int8(w[1], w[2], p.H);
+  check(w[1].size(0) == q_size + 2 * kv_size, "qkv rows must be (heads + 2 kv_heads) * D");
+  check_int8(w[3], w[4], q_size);
+  check(w[3].size(0) == p.H, "o rows must be H");
+  check_int8(w[6], w[7], p.H);
+  check(w[6].size(0) % 2 == 0, "gate_up rows must be even");
+  check_int8(w[8], w[9], w[6].size(0) / 2);
+  check(w[8].size(0) == p.H, "down rows must be H");
+}
+
+// h += o(attention(rope(qkv(norm(h))))), writing each row's keys and values into layer l's cache.
+void attention_block(at::Tensor& h, at::Tensor& x, const at::Tensor* w, at::Tensor k_cache, at::Tensor v_cache,
+                     const Pass& p) {
+  const int64_t q_size = p.heads * p.D, kv_size = p.kv_heads * p.D;
+  rms_norm(h.data_ptr<float>(), w[0].data_ptr<float>(), p.M, p.H, p.eps, x.data_ptr<float>());
+  at::Tensor qkv = linear(x, w[1], w[2]);
+  float* qp = qkv.data_ptr<float>();
+  const int64_t width = qkv.size(1);
+  const bool bf16 = k_cache.scalar_type() == at::kBFloat16;
+  for (int64_t m = 0; m < p.M; ++m) {
+    float* row = qp + m * width;
+    rope(row, p.heads + p.kv_heads, p.D, p.cos + p.pos[m] * p.D, p.sin + p.pos[m] * p.D);  // q and k, adjacent
+    if (bf16) {
+      write_kv<at::BFloat16>(k_cache, v_cache, row, q_size, kv_size, p.D, p.slot[m]);
+    } else {
+      write_kv<float>(k_cache, v_cache, row, q_size, kv_size, p.D, p.slot[m]);
+    }
+  }
+  at::Tensor q = qkv.narrow(1, 0, q_size).reshape({p.M, p.heads, p.D}).to(k_cache.scalar_type()).contiguous();
+  const double scale = 1.0 / std::sqrt(static_cast<double>(p.D));
+  at::Tensor attn = paged_attention(q, k_cache, v_cache, p.tables, p.rows, p.lens, p.block_size, scale);
+  h.add_(linear(attn.to(at::kFloat).reshape({p.M, q_size}).contiguous(), w[3], w[4]));
+}
+
+// h += down(silu(gate) * up), gate and up from norm(h).
+void mlp_block(at::Tensor& h, at::Tensor& x, const at::Tensor* w, const Pass& p) {
+  rms_norm(h.data_ptr<float>(), w[5].data_ptr<float>(), p.M, p.H, p.eps, x.data_ptr<float>());
+  at::Tensor gate_up = linear(x, w[6], w[7]);
+  const int64_t inter = gate_up.size(1) / 2;
+  at::Tensor act = at::empty({p.M, inter}, h.options());
+  const float* gp = gate_up.data_ptr<float>();
+  float* ap = act.data_ptr<float>();
+  for (int64_t m = 0; m < p.M; ++m)
+    for (int64_t i = 0; i < inter; ++i) {
+      const float g = gp[m * 2 * inter + i];
+      ap[m * inter + i] = g / (1.0f + std::exp(-g)) * gp[m * 2 * inter + inter + i];
+    }
+  h.add_(linear(act, w[8], w[9]));
 }
 
 }  // namespace
@@ -172,7 +259,7 @@ at::Tensor draft_layers(const at::Tensor& h_in, at::TensorList weights, const at
   const auto kv_dtype = k_cache.scalar_type();
   check((kv_dtype == at::kFloat || kv_dtype == at::kBFloat16) && v_cache.scalar_type() == kv_dtype,
         "the cache must be float32 or bfloat16");
-  const int64_t M = h_in.size(0), H = h_in.size(1), D = k_cache.size(3), S = k_cache.size(2);
+  const int64_t M = h_in.size(0), D = k_cache.size(3);
   check(heads % kv_heads == 0, "heads must be a multiple of kv_heads");
   check(slots.scalar_type() == at::kLong && positions.scalar_type() == at::kLong && slots.numel() == M &&
             positions.numel() == M && slots.is_contiguous() && positions.is_contiguous(),
@@ -181,71 +268,21 @@ at::Tensor draft_layers(const at::Tensor& h_in, at::TensorList weights, const at
   check(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
             sin.is_contiguous() && cos.size(1) == D && sin.sizes() == cos.sizes(),
         "cos and sin: float32 [positions, D]");
-  const int64_t* slot = slots.data_ptr<int64_t>();
-  const int64_t* pos = positions.data_ptr<int64_t>();
+  Pass p{M, h_in.size(1), D, heads, kv_heads, block_size, eps, slots.data_ptr<int64_t>(), positions.data_ptr<int64_t>(),
+         cos.data_ptr<float>(), sin.data_ptr<float>(), at::arange(M, slots.options()), positions + 1,
+         tables.contiguous()};
   for (int64_t m = 0; m < M; ++m) {
-    check(slot[m] >= 0 && slot[m] < S, "slot out of range");
-    check(pos[m] >= 0 && pos[m] < cos.size(0), "position out of range");
+    check(p.slot[m] >= 0 && p.slot[m] < k_cache.size(2), "slot out of range");
+    check(p.pos[m] >= 0 && p.pos[m] < cos.size(0), "position out of range");
   }
-  const int64_t q_size = heads * D, kv_size = kv_heads * D;
-  for (int64_t l = 0; l < layers; ++l) {
-    const at::Tensor* w = weights.data() + l * kPerLayer;
-    check(w[0].scalar_type() == at::kFloat && w[0].numel() == H && w[5].scalar_type() == at::kFloat &&
-              w[5].numel() == H,
-          "norm weights must be float32 [H]");
-    check_int8(w[1], w[2], H);
-    check(w[1].size(0) == q_size + 2 * kv_size, "qkv rows must be (heads + 2 kv_heads) * D");
-    check_int8(w[3], w[4], q_size);
-    check(w[3].size(0) == H, "o rows must be H");
-    check_int8(w[6], w[7], H);
-    check(w[6].size(0) % 2 == 0, "gate_up rows must be even");
-    check_int8(w[8], w[9], w[6].size(0) / 2);
-    check(w[8].size(0) == H, "down rows must be H");
-  }
+  for (int64_t l = 0; l < layers; ++l) check_layer(weights.data() + l * kPerLayer, p);
 
   at::Tensor h = h_in.contiguous().clone();
   at::Tensor x = at::empty_like(h);
-  at::Tensor rows = at::arange(M, slots.options());
-  at::Tensor lens = positions + 1;
-  at::Tensor table = tables.contiguous();
-  float* hp = h.data_ptr<float>();
-  const float* cp = cos.data_ptr<float>();
-  const float* sp = sin.data_ptr<float>();
-  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor* w = weights.data() + l * kPerLayer;
-    rms_norm(hp, w[0].data_ptr<float>(), M, H, eps, x.data_ptr<float>());
-    at::Tensor qkv = linear(x, w[1], w[2]);
-    float* qp = qkv.data_ptr<float>();
-    const int64_t width = qkv.size(1);
-    at::Tensor kl = k_cache.select(0, l), vl = v_cache.select(0, l);
-    for (int64_t m = 0; m < M; ++m) {
-      float* row = qp + m * width;
-      rope(row, heads + kv_heads, D, cp + pos[m] * D, sp + pos[m] * D);  // q and k are adjacent
-      if (kv_dtype == at::kFloat) {
-        write_kv<float>(kl, row + q_size, kv_heads, D, slot[m]);
-        write_kv<float>(vl, row + q_size + kv_size, kv_heads, D, slot[m]);
-      } else {
-        write_kv<at::BFloat16>(kl, row + q_size, kv_heads, D, slot[m]);
-        write_kv<at::BFloat16>(vl, row + q_size + kv_size, kv_heads, D, slot[m]);
-      }
-    }
-    at::Tensor q = qkv.narrow(1, 0, q_size).reshape({M, heads, D}).to(kv_dtype).contiguous();
-    at::Tensor attn = paged_attention(q, kl, vl, table, rows, lens, block_size, scale).to(at::kFloat).reshape({M, q_size});
-    at::Tensor o = linear(attn.contiguous(), w[3], w[4]);
-    h.add_(o);
-    rms_norm(hp, w[5].data_ptr<float>(), M, H, eps, x.data_ptr<float>());
-    at::Tensor gate_up = linear(x, w[6], w[7]);
-    const int64_t inter = gate_up.size(1) / 2;
-    at::Tensor act = at::empty({M, inter}, h.options());
-    const float* gp = gate_up.data_ptr<float>();
-    float* ap = act.data_ptr<float>();
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t i = 0; i < inter; ++i) {
-        const float g = gp[m * 2 * inter + i];
-        ap[m * inter + i] = g / (1.0f + std::exp(-g)) * gp[m * 2 * inter + inter + i];
-      }
-    h.add_(linear(act, w[8], w[9]));
+    attention_block(h, x, w, k_cache.select(0, l), v_cache.select(0, l), p);
+    mlp_block(h, x, w, p);
   }
   return h;
 }
