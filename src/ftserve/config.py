@@ -176,7 +176,8 @@ class EngineConfig(_Strict):
         description="Dense projections on CPU (float32 or bfloat16): auto = the compiled row-invariant kernel, whose "
         "result for a token does not depend on the other tokens of the forward (greedy output then stays the same "
         "with speculation and in any batch; torch's path with a logged reason if it cannot be built), "
-        "torch = F.linear (oneDNN / MKL, whose summation order follows the row count).",
+        "torch = F.linear (oneDNN / MKL, whose summation order follows the row count). auto also runs an INT8 "
+        "draft model's passes in one compiled call; torch keeps them in Python.",
     )
     max_loras: int = Field(8, ge=1, le=256, description="LoRA adapters resident for compute at once (slots).")
     max_lora_rank: int = Field(32, ge=1, le=512, description="Largest LoRA rank an adapter may have.")

@@ -3,16 +3,19 @@
 - ``paged_attention.cpp``: attention of decode rows and short chunks, reading the paged KV cache in place;
 - ``rows_linear.cpp``: the dense projections, each output reduced in one fixed order whatever the row count,
   so a token's result does not depend on the batch it shares a forward with (what keeps greedy speculative
-  decoding and continuous batching token-for-token equal to decoding one sequence alone).
+  decoding and continuous batching token-for-token equal to decoding one sequence alone);
+- ``draft_layers.cpp``: an INT8 speculative draft's decode pass, every layer in one call (in Python a pass
+  costs ~5 ms of small operations, too much beside the target's step for drafts to pay).
 
-Both (beside this file) are compiled into one extension with torch's JIT C++ extension builder (g++ and ninja)
+All three (beside this file) are compiled into one extension with torch's JIT C++ extension builder (g++ and ninja)
 into torch's extension folder (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), keyed by
 the source, the flags and this CPU's instruction sets, so a later start loads it in milliseconds and a
 changed source or another CPU builds anew. Built for the machine it runs on (``-march=native``).
 
 When it cannot be built (no compiler, a torch without headers) the engine logs why and keeps torch's
-gather-and-matmul attention and ``F.linear``, which compute the same thing up to rounding;
-``engine.attention_kernel: torch`` and ``engine.linear_kernel: torch`` ask for those paths outright.
+gather-and-matmul attention, ``F.linear`` and the draft's Python forward, which compute the same thing up
+to rounding; ``engine.attention_kernel: torch`` and ``engine.linear_kernel: torch`` (which also keeps the
+draft's passes in Python) ask for those paths outright.
 """
 
 from __future__ import annotations
